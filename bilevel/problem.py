@@ -1,0 +1,117 @@
+"""The bilevel problem and the checks on its inputs.
+
+    min_phi  F(phi) = f(theta*(phi), phi)                 outer objective f, on outer batches
+    s.t.     theta*(phi) = argmin_theta g(theta, phi)     inner objective g, on inner batches
+
+``theta`` are the *params* and ``phi`` the *hparams*; both are ``dict[str, Tensor]``.
+Both objectives are called as ``fn(params, hparams, batch)`` and must return a 0-dim tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._tree import Tree
+
+__all__ = ["BilevelProblem", "Objective", "check_trees"]
+
+Objective = Callable[[Tree, Tree, Any], Tensor]
+
+_NAMES = {"inner": "inner objective g", "outer": "outer objective f"}
+
+
+@dataclass(frozen=True)
+class BilevelProblem:
+    """A bilevel problem given by its two objectives.
+
+    Args:
+        inner: ``g(params, hparams, batch) -> 0-dim tensor``, minimised over ``params``.
+        outer: ``f(params, hparams, batch) -> 0-dim tensor``; the hypergradient is the total
+            derivative of ``F(hparams) = f(params*(hparams), hparams)``. ``f`` may ignore
+            ``hparams`` entirely (MELTR's case): its direct gradient is then exactly zero.
+
+    Both functions must be written functionally (no in-place updates of their arguments and no
+    ``.item()`` on results that depend on them) because they are traced by :mod:`torch.func`.
+    """
+
+    inner: Objective
+    outer: Objective
+
+    def __post_init__(self) -> None:
+        for name in ("inner", "outer"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"BilevelProblem.{name} must be callable, got {type(getattr(self, name)).__name__}")
+
+    def objective(self, level: str, stage: str) -> Objective:
+        """The objective of ``level`` ("inner" or "outer") wrapped with a shape check.
+
+        The wrapper raises ``ValueError`` naming the function and ``stage`` when the result is
+        not a 0-dim floating tensor. (Finiteness is checked by the caller on the returned value,
+        outside of any :mod:`torch.func` transform.)
+        """
+        fn = self.inner if level == "inner" else self.outer
+        label = _NAMES[level]
+
+        def checked(params: Tree, hparams: Tree, batch: Any) -> Tensor:
+            out = fn(params, hparams, batch)
+            if not isinstance(out, Tensor):
+                raise ValueError(f"{label} must return a 0-dim tensor, got {type(out).__name__} (stage: {stage})")
+            if out.dim() != 0:
+                raise ValueError(
+                    f"{label} must return a 0-dim (scalar) tensor, got shape {tuple(out.shape)} "
+                    f"(stage: {stage}); reduce it with .mean() or .sum()"
+                )
+            if not out.is_floating_point():
+                raise ValueError(f"{label} returned dtype {out.dtype}, expected a floating dtype (stage: {stage})")
+            return out
+
+        return checked
+
+
+def check_finite(value: Tensor, level: str, stage: str) -> None:
+    """Raise ``FloatingPointError`` if ``value`` is not finite, naming the function and stage."""
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"{_NAMES[level]} is non-finite ({float(value)}) at stage: {stage}")
+
+
+def check_trees(params: Tree, hparams: Tree) -> tuple[torch.dtype, torch.device]:
+    """Validate ``params`` and ``hparams``; return their common dtype and device.
+
+    Both must be non-empty ``dict[str, Tensor]`` of floating tensors that share one dtype and one
+    device. Raises ``TypeError`` / ``ValueError`` naming the offending key otherwise.
+    """
+    ref: tuple[str, Tensor] | None = None
+    for tname, tree in (("params", params), ("hparams", hparams)):
+        if not isinstance(tree, dict):
+            raise TypeError(f"{tname} must be a dict[str, Tensor], got {type(tree).__name__}")
+        if not tree:
+            raise ValueError(f"{tname} is empty: a hypergradient needs at least one tensor in it")
+        for key, leaf in tree.items():
+            where = f"{tname}[{key!r}]"
+            if not isinstance(key, str):
+                raise TypeError(f"{tname} keys must be str, got {key!r}")
+            if not isinstance(leaf, Tensor):
+                raise TypeError(f"{where} must be a Tensor, got {type(leaf).__name__}")
+            if not leaf.is_floating_point():
+                raise ValueError(f"{where} has dtype {leaf.dtype}; params and hparams must be floating point")
+            if ref is None:
+                ref = (where, leaf)
+                continue
+            rwhere, rleaf = ref
+            if leaf.dtype != rleaf.dtype:
+                raise ValueError(
+                    f"mixed dtypes: {where} is {leaf.dtype} but {rwhere} is {rleaf.dtype}; "
+                    "params and hparams must share one dtype"
+                )
+            if leaf.device != rleaf.device:
+                raise ValueError(
+                    f"mixed devices: {where} is on {leaf.device} but {rwhere} is on {rleaf.device}; "
+                    "params and hparams must share one device"
+                )
+    assert ref is not None
+    return ref[1].dtype, ref[1].device

@@ -1,0 +1,57 @@
+"""The hypergradient solvers, one module each, and :func:`get_solver`.
+
+=============== ============================================== ===========================
+name            class                                          module
+=============== ============================================== ===========================
+``"itd"``       :class:`~bilevel.solvers.itd.ITD`              ``bilevel/solvers/itd.py``
+``"aid-cg"``    :class:`~bilevel.solvers.aid_cg.AIDCG`         ``bilevel/solvers/aid_cg.py``
+``"aid-fp"``    :class:`~bilevel.solvers.aid_fp.AIDFP`         ``bilevel/solvers/aid_fp.py``
+``"aid-fp-lite"`` :class:`~bilevel.solvers.aid_fp_lite.AIDFPLite` ``bilevel/solvers/aid_fp_lite.py``
+``"stocbio"``   :class:`~bilevel.solvers.stocbio.StocBiO`      ``bilevel/solvers/stocbio.py``
+=============== ============================================== ===========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .aid_cg import AIDCG
+from .aid_fp import AIDFP
+from .aid_fp_lite import AIDFPLite
+from .base import AIDSolver, HypergradInfo, Solver
+from .itd import ITD
+from .stocbio import StocBiO
+
+__all__ = [
+    "AIDCG",
+    "AIDFP",
+    "ITD",
+    "SOLVERS",
+    "AIDFPLite",
+    "AIDSolver",
+    "HypergradInfo",
+    "Solver",
+    "StocBiO",
+    "get_solver",
+]
+
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (ITD, AIDCG, AIDFP, AIDFPLite, StocBiO)}
+
+
+def get_solver(name: str, **options: Any) -> Solver:
+    """Build a solver by name: ``"itd"``, ``"aid-cg"``, ``"aid-fp"``, ``"aid-fp-lite"``, ``"stocbio"``.
+
+    ``options`` are the solver's fields (e.g. ``get_solver("aid-cg", iters=20, tol=1e-10)``).
+    Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown option, listing
+    the valid ones.
+    """
+    try:
+        cls = SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"solver {name!r} has no option(s) {unknown}; valid options: {valid}")
+    return cls(**options)

@@ -1,0 +1,44 @@
+"""AID-CG: implicit differentiation with conjugate gradient on ``H v = grad_theta f``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..linalg import POLICIES, Policy, conjugate_gradient
+from ..products import HVPMode
+from .base import AIDSolver, _check_choice, _check_int, _check_positive, check_aid_options
+
+
+@dataclass
+class AIDCG(AIDSolver):
+    """Conjugate gradient: ``v = CG_iters(H, grad_theta f)``, ``grad F ~ grad_phi f - J v``.
+
+    Exact (up to ``tol``) when ``params`` minimise ``g`` and ``H`` is positive definite; at most
+    ``|theta|`` iterations in exact arithmetic, ``O(sqrt(kappa) log(1/tol))`` in practice.
+
+    Args:
+        iters: maximum CG iterations (HVPs). ``0`` gives ``v = 0``, i.e. ``grad_phi f`` only.
+        tol: stop when ``||grad_theta f - H v|| <= tol * ||grad_theta f||``.
+        on_negative_curvature: policy when ``p^T H p <= 0`` is met: ``"warn"`` (default: warn,
+            stop CG, use the iterate so far), ``"raise"`` (:class:`~bilevel.NegativeCurvatureError`)
+            or ``"ignore"`` (stop silently; ``info.negative_curvature`` is set in every case).
+        hvp: ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
+    """
+
+    iters: int = 20
+    tol: float = 1e-10
+    on_negative_curvature: Policy = "warn"
+    hvp: HVPMode = "rev-rev"
+
+    name = "aid-cg"
+
+    def __post_init__(self) -> None:
+        _check_int("iters", self.iters, 0)
+        _check_positive("tol", self.tol)
+        _check_choice("on_negative_curvature", self.on_negative_curvature, POLICIES)
+        check_aid_options(self)
+
+    def solve(self, problem, lin, b, params, hparams, info):
+        v, res = conjugate_gradient(lin.hvp, b, self.iters, self.tol, self.on_negative_curvature)
+        info.record_solve(res)
+        return v

@@ -1,0 +1,52 @@
+"""AID-FP: implicit differentiation with a truncated Neumann series (fixed-point iteration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..linalg import POLICIES, Policy, neumann_series
+from ..products import HVPMode
+from .base import AIDSolver, _check_choice, _check_int, _check_positive, check_aid_options
+
+
+@dataclass
+class AIDFP(AIDSolver):
+    """Neumann series (AuxiLearn's scheme):
+
+        v = alpha * sum_{j=0}^{iters} (I - alpha H)^j grad_theta f,    grad F ~ grad_phi f - J v
+
+    equal to ``iters + 1`` steps of the fixed point ``v <- (I - alpha H) v + alpha grad_theta f``
+    from ``v = 0``. Converges for ``0 < alpha < 2/L`` (``L`` the largest eigenvalue of ``H``), the
+    error shrinking like ``(1 - alpha mu)^(iters+1)`` (``mu`` the smallest). ``iters=0`` equals
+    :class:`~bilevel.AIDFPLite` with ``scale=alpha``; ITD with ``steps=T, lr=alpha`` started at
+    the inner minimiser equals ``iters=T-1``.
+
+    Args:
+        iters: number of HVPs (series terms after the first).
+        alpha: step of the series; must be below ``2/L``.
+        on_divergence: ``"raise"`` (default) :class:`~bilevel.NeumannDivergenceError` when a term
+            grows past ``divergence_factor * ||grad_theta f||`` or is non-finite, ``"warn"`` or
+            ``"ignore"`` (stop summing there; ``info.diverged`` is set).
+        divergence_factor: growth that counts as divergence.
+        hvp: ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
+    """
+
+    iters: int = 20
+    alpha: float = 0.01
+    on_divergence: Policy = "raise"
+    divergence_factor: float = 10.0
+    hvp: HVPMode = "rev-rev"
+
+    name = "aid-fp"
+
+    def __post_init__(self) -> None:
+        _check_int("iters", self.iters, 0)
+        _check_positive("alpha", self.alpha)
+        _check_positive("divergence_factor", self.divergence_factor)
+        _check_choice("on_divergence", self.on_divergence, POLICIES)
+        check_aid_options(self)
+
+    def solve(self, problem, lin, b, params, hparams, info):
+        v, res = neumann_series(lin.hvp, b, self.iters, self.alpha, self.on_divergence, self.divergence_factor)
+        info.record_solve(res)
+        return v

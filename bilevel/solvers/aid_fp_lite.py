@@ -1,0 +1,37 @@
+"""AID-FP-Lite: the inverse Hessian taken as a multiple of the identity (MELTR, Algorithm 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._tree import tree_scale
+from ..products import HVPMode
+from .base import AIDSolver, _check_positive, check_aid_options
+
+
+@dataclass
+class AIDFPLite(AIDSolver):
+    """``H^{-1} ~ scale * I`` (MELTR eq. 11):
+
+        grad F ~ grad_phi f - scale * J grad_theta f
+
+    One gradient of ``f``, one gradient of ``g`` and one mixed product; no HVP. Biased unless
+    ``H = I / scale``; the outer learning rate absorbs ``scale``. Equals :class:`~bilevel.AIDFP`
+    with ``iters=0, alpha=scale``.
+
+    Args:
+        scale: the multiple of the identity that replaces ``H^{-1}``.
+        hvp: HVP mode of the linearisation (only the mixed product is used here).
+    """
+
+    scale: float = 1.0
+    hvp: HVPMode = "rev-rev"
+
+    name = "aid-fp-lite"
+
+    def __post_init__(self) -> None:
+        _check_positive("scale", self.scale)
+        check_aid_options(self)
+
+    def solve(self, problem, lin, b, params, hparams, info):
+        return tree_scale(b, self.scale)

@@ -1,0 +1,99 @@
+"""ITD: iterative differentiation, reverse mode through ``steps`` unrolled inner updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.func import grad, grad_and_value
+
+from .._tree import Tree
+from ..problem import check_finite
+from .base import Solver, _check_choice, _check_int, _check_positive
+
+Optimizer = Literal["sgd", "momentum", "adam"]
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+
+
+@dataclass
+class ITD(Solver):
+    """Differentiate ``f(theta_T(phi), phi)`` through ``T = steps`` unrolled inner updates.
+
+    ``theta_0 = params`` is a constant; with ``optimizer="sgd"``
+
+        theta_{t+1} = theta_t - lr * grad_theta g(theta_t, phi; inner_batch)
+
+    and ``dF/dphi`` is obtained by reverse mode through the whole trajectory (with
+    :func:`torch.func.grad`). Exact for the truncated problem; at ``theta_0 = theta*`` it equals
+    :class:`~bilevel.AIDFP` with ``alpha=lr, iters=steps-1``. ``steps=1`` is Meta-Weight-Net's
+    one-step look-ahead. **Memory grows linearly with ``steps``**: every step's graph is kept for
+    the backward pass (measured in ``benchmarks/hypergrad_accuracy.py``).
+
+    Differentiable optimizers: ``"momentum"`` (heavy ball as ``torch.optim.SGD``:
+    ``b_t = momentum b_{t-1} + g_t``, ``b_0 = g_0``; ``theta -= lr b_t``) and ``"adam"``
+    (``theta -= lr m_hat / (sqrt(v_hat + eps_root) + eps)``; ``eps_root > 0`` keeps the derivative
+    of the square root finite where a gradient entry is zero, as optax's ``eps_root``).
+    """
+
+    steps: int = 10
+    lr: float = 0.01
+    optimizer: Optimizer = "sgd"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eps_root: float = 1e-16
+
+    name = "itd"
+    supports_reduce = False
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps, 0)
+        _check_positive("lr", self.lr)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        _check_positive("eps", self.eps)
+        if not self.eps_root >= 0.0:
+            raise ValueError(f"eps_root must be >= 0, got {self.eps_root!r}")
+
+    def _update(self, theta: Tree, g: Tree, state: dict[str, Tree], t: int) -> Tree:
+        lr = self.lr
+        if self.optimizer == "sgd":
+            return {k: theta[k] - lr * g[k] for k in theta}
+        if self.optimizer == "momentum":
+            buf = g if t == 0 else {k: self.momentum * state["buf"][k] + g[k] for k in g}
+            state["buf"] = buf
+            return {k: theta[k] - lr * buf[k] for k in theta}
+        b1, b2 = self.betas
+        m = {k: (b1 * state["m"][k] if t else 0.0) + (1 - b1) * g[k] for k in g}
+        v = {k: (b2 * state["v"][k] if t else 0.0) + (1 - b2) * g[k] * g[k] for k in g}
+        state["m"], state["v"] = m, v
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        return {k: theta[k] - lr * (m[k] / c1) / (torch.sqrt(v[k] / c2 + self.eps_root) + self.eps) for k in theta}
+
+    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
+        g = problem.objective("inner", "unrolled inner steps of ITD")
+        f = problem.objective("outer", "f after the unrolled steps of ITD")
+        grad_g = grad_and_value(g)
+
+        def unrolled(phi: Tree) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+            theta, state, values = params, {}, []
+            for t in range(self.steps):
+                g_theta, g_val = grad_g(theta, phi, inner_batch)
+                values.append(g_val)
+                theta = self._update(theta, g_theta, state, t)
+            out = f(theta, phi, outer_batch)
+            return out, (out, values)
+
+        with self._stage(info, "unroll_and_backward"):
+            hg, (f_val, g_vals) = grad(unrolled, has_aux=True)(hparams)
+        for t, val in enumerate(g_vals):
+            check_finite(val, "inner", f"unrolled step {t} of ITD")
+        check_finite(f_val, "outer", "f after the unrolled steps of ITD")
+        info.iters = self.steps
+        info.inner_value = float(g_vals[0]) if g_vals else None
+        info.outer_value = float(f_val)
+        return hg

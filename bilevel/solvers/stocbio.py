@@ -1,0 +1,81 @@
+"""StocBiO: the Neumann series with every Hessian-vector product on a fresh mini-batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..linalg import POLICIES, Policy, neumann_series
+from ..products import HVPMode, Linearization
+from .base import AIDSolver, _check_choice, _check_int, _check_positive, check_aid_options
+
+
+@dataclass
+class StocBiO(AIDSolver):
+    """Stochastic Neumann series (Ji et al. 2021):
+
+        p_0 = grad_theta f,  p_{j+1} = p_j - alpha H_{B_j} p_j,  v = alpha sum_{j=0}^{iters} p_j
+
+    where ``H_{B_j}`` is the inner Hessian on the ``j``-th batch drawn from ``batches``; the mixed
+    product ``J v`` uses ``inner_batch``. Each term costs one gradient of ``g`` with its graph plus
+    one backward pass on a new batch. Without ``batches`` every term uses ``inner_batch``, and the
+    result equals :class:`~bilevel.AIDFP` with the same options.
+
+    Args:
+        iters, alpha, on_divergence, divergence_factor, hvp: as :class:`~bilevel.AIDFP`.
+        batches: an iterable of inner batches (e.g. a ``DataLoader``), re-iterated when exhausted,
+            or an iterator (an error is raised when it runs out). May be assigned later
+            (``solver.batches = loader``).
+    """
+
+    iters: int = 10
+    alpha: float = 0.01
+    batches: Iterable[Any] | None = field(default=None, repr=False)
+    on_divergence: Policy = "raise"
+    divergence_factor: float = 10.0
+    hvp: HVPMode = "rev-rev"
+
+    name = "stocbio"
+
+    def __post_init__(self) -> None:
+        _check_int("iters", self.iters, 0)
+        _check_positive("alpha", self.alpha)
+        _check_positive("divergence_factor", self.divergence_factor)
+        _check_choice("on_divergence", self.on_divergence, POLICIES)
+        check_aid_options(self)
+        self._iter: Iterator[Any] | None = None
+        self._iter_of: Iterable[Any] | None = None
+
+    def _next_batch(self) -> Any:
+        source = self.batches
+        if self._iter is None or self._iter_of is not source:
+            self._iter, self._iter_of = iter(source), source  # type: ignore[arg-type]
+        try:
+            return next(self._iter)
+        except StopIteration:
+            if iter(source) is source:  # type: ignore[arg-type]
+                raise ValueError(
+                    "StocBiO.batches is an exhausted iterator; pass a re-iterable (e.g. a DataLoader)"
+                ) from None
+            self._iter = iter(source)  # type: ignore[arg-type]
+            try:
+                return next(self._iter)
+            except StopIteration:
+                raise ValueError("StocBiO.batches is empty") from None
+
+    def solve(self, problem, lin, b, params, hparams, info):
+        if self.batches is None:
+            hvp = lambda p, j: lin.hvp(p)  # noqa: E731
+        else:
+
+            def hvp(p, j):
+                fresh = Linearization(problem, params, hparams, self._next_batch(), self.hvp, self._reduce)
+                info.n_hvp += 1
+                return fresh.hvp(p)
+
+        v, res = neumann_series(
+            hvp, b, self.iters, self.alpha, self.on_divergence, self.divergence_factor, stochastic=True
+        )
+        info.record_solve(res)
+        return v
