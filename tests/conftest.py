@@ -1,0 +1,99 @@
+"""Shared fixtures: the reference problems of :mod:`bilevel.testing` and random quadratic problems."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import bilevel as bl
+from bilevel.testing import logistic_breast_cancer, ridge_diabetes, ridge_synthetic
+
+
+def rel_err(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """||a - b|| / ||b|| over all leaves."""
+    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in b)
+    den = sum(float((b[k] ** 2).sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="session")
+def diabetes():
+    return ridge_diabetes()
+
+
+@pytest.fixture(scope="session")
+def synthetic200():
+    return ridge_synthetic(d=200)
+
+
+@pytest.fixture(scope="session")
+def breast_cancer():
+    return logistic_breast_cancer()
+
+
+@dataclass
+class Quadratic:
+    """g = 1/2 t^T A t + t^T B p + c^T t,   f = 1/2 ||C t - s||^2 + e^T p + 1/2 p^T E p.
+
+    t* = -A^{-1}(B p + c),  J = B^T,  grad F = e + E p - B^T A^{-1} C^T (C t* - s).
+    """
+
+    A: Tensor
+    B: Tensor
+    c: Tensor
+    C: Tensor
+    s: Tensor
+    e: Tensor
+    E: Tensor
+
+    def inner(self, params, hparams, batch):
+        t, p = params["t"], hparams["p"]
+        return 0.5 * t @ self.A @ t + t @ self.B @ p + self.c @ t
+
+    def outer(self, params, hparams, batch):
+        t, p = params["t"], hparams["p"]
+        r = self.C @ t - self.s
+        return 0.5 * r @ r + self.e @ p + 0.5 * p @ self.E @ p
+
+    def problem(self) -> bl.BilevelProblem:
+        return bl.BilevelProblem(inner=self.inner, outer=self.outer)
+
+    def solution(self, hparams):
+        return {"t": -torch.linalg.solve(self.A, self.B @ hparams["p"] + self.c)}
+
+    def exact_hypergrad(self, hparams):
+        p = hparams["p"]
+        t = self.solution(hparams)["t"]
+        ft = self.C.T @ (self.C @ t - self.s)
+        return {"p": self.e + self.E @ p - self.B.T @ torch.linalg.solve(self.A, ft)}
+
+    @property
+    def L(self) -> float:
+        return float(torch.linalg.eigvalsh(self.A)[-1])
+
+    def to(self, dtype: torch.dtype) -> Quadratic:
+        return Quadratic(*(getattr(self, k).to(dtype) for k in "A B c C s e E".split()))
+
+
+def make_quadratic(n: int, m: int, cond: float, seed: int, direct: bool = True) -> Quadratic:
+    """Random quadratic with inner dim ``n``, outer dim ``m``, Hessian eigenvalues in [1/cond, 1]."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.logspace(-np.log10(cond), 0.0, n) if n > 1 else np.array([1.0])
+    A = (q * eig) @ q.T
+    A = 0.5 * (A + A.T)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    E = rng.standard_normal((m, m))
+    return Quadratic(
+        A=t(A),
+        B=t(rng.standard_normal((n, m))),
+        c=t(rng.standard_normal(n)),
+        C=t(rng.standard_normal((n, n))),
+        s=t(rng.standard_normal(n)),
+        e=t(rng.standard_normal(m) if direct else np.zeros(m)),
+        E=t(0.1 * E @ E.T if direct else np.zeros((m, m))),
+    )
