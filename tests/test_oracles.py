@@ -11,9 +11,6 @@ Each test skips with a reason where its peer does not import (install: scripts/i
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import rel_err
@@ -21,12 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bilevel as bl
-
-try:
-    from benchmarks import peers
-except ImportError:  # plain `pytest` does not put the repository root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import peers
+from benchmarks import peers  # the repository root is on sys.path (pyproject: pythonpath)
 
 
 def need(peer: str) -> None:
