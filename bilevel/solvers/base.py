@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, overload
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._tree import Tree, tree_all_finite, tree_detach, tree_sub
 from ..linalg import SolveResult
@@ -155,7 +156,10 @@ class Solver(ABC):
             raise NotImplementedError(f"{self.name} does not support reduce= (distributed hypergradients)")
         self._sync = device.type == "cuda"
         start = time.perf_counter()
-        hg = self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, info)
+        # Second derivatives through attention: the fused SDPA kernels (flash / memory-efficient) have no
+        # double backward, so attention is computed by the math kernel while a hypergradient is taken.
+        with sdpa_kernel([SDPBackend.MATH]):
+            hg = self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, info)
         if self._sync:
             torch.cuda.synchronize(device)
         info.times["total"] = time.perf_counter() - start
