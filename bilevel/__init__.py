@@ -19,6 +19,7 @@ from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDiv
 from .functional import FunctionalModule, functional_module, load_params
 from .problem import BilevelProblem
 from .solvers import AIDCG, AIDFP, ITD, SOLVERS, AIDFPLite, HypergradInfo, Solver, StocBiO, get_solver
+from .training import BilevelTrainer, Callback, NonFiniteError, TrainerConfig, mtl_objective, single_task_objective
 
 __version__ = "0.1.0"
 
@@ -29,15 +30,21 @@ __all__ = [
     "SOLVERS",
     "AIDFPLite",
     "BilevelProblem",
+    "BilevelTrainer",
+    "Callback",
     "FunctionalModule",
     "HypergradInfo",
     "NegativeCurvatureError",
     "NegativeCurvatureWarning",
     "NeumannDivergenceError",
     "NeumannDivergenceWarning",
+    "NonFiniteError",
     "Solver",
     "StocBiO",
+    "TrainerConfig",
     "functional_module",
     "get_solver",
     "load_params",
+    "mtl_objective",
+    "single_task_objective",
 ]

@@ -179,8 +179,3 @@ def test_stocbio_exhausted_iterator():
         s.hypergrad(prob, P, H, None, None)
     with pytest.raises(ValueError, match="empty"):
         bl.StocBiO(iters=3, alpha=0.1, batches=[]).hypergrad(prob, P, H, None, None)
-
-
-def test_itd_rejects_reduce():
-    with pytest.raises(NotImplementedError, match="reduce"):
-        bl.ITD().hypergrad(quad_problem(), P, H, None, None, reduce=lambda t: t)

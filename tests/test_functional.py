@@ -81,7 +81,7 @@ class ThreadAllReduce:
         return reduce
 
 
-@pytest.mark.parametrize("name", ["aid-cg", "aid-fp", "aid-fp-lite", "stocbio"])
+@pytest.mark.parametrize("name", ["aid-cg", "aid-fp", "aid-fp-lite", "stocbio", "itd"])
 def test_reduce_gives_whole_batch_hypergradient(diabetes, name):
     """Two 'ranks' with half of every batch each + reduce == one process on the whole batch.
 
@@ -91,7 +91,12 @@ def test_reduce_gives_whole_batch_hypergradient(diabetes, name):
     h = P.hparams(-1.0)
     theta = P.solution(h)
     _, L = P.curvature(h)
-    opts = {"aid-cg": {"iters": 30}, "aid-fp": {"iters": 30, "alpha": 1 / L}, "stocbio": {"iters": 30, "alpha": 1 / L}}
+    opts = {
+        "aid-cg": {"iters": 30},
+        "aid-fp": {"iters": 30, "alpha": 1 / L},
+        "stocbio": {"iters": 30, "alpha": 1 / L},
+        "itd": {"steps": 30, "lr": 0.5 / L, "optimizer": "momentum"},
+    }
     opts = opts.get(name, {})
     whole = bl.get_solver(name, **opts).hypergrad(P.problem(), theta, h, P.inner_batch, P.outer_batch)
     (Xi, yi), (Xo, yo) = P.inner_batch, P.outer_batch

@@ -84,7 +84,6 @@ class Solver(ABC):
     """Base class of hypergradient solvers; subclasses implement :meth:`_hypergrad`."""
 
     name: ClassVar[str]
-    supports_reduce: ClassVar[bool] = True
     _reduce: Reduce | None = None
 
     @overload
@@ -137,7 +136,7 @@ class Solver(ABC):
                 all-reduce mean). AID solvers apply it to ``grad_theta f``, ``grad_phi f``, every
                 HVP and the mixed product, so that with each rank holding 1/N of each batch the
                 result is the hypergradient of the whole batch (not an average of per-rank
-                hypergradients). ITD does not support it.
+                hypergradients). ITD averages each unrolled step's gradient over ranks instead.
 
         Returns:
             a dict with the keys, shapes, dtype and device of ``hparams``, without autograd history.
@@ -152,8 +151,6 @@ class Solver(ABC):
         _, device = check_trees(params, hparams)
         info = HypergradInfo(solver=self.name)
         self._reduce = reduce
-        if reduce is not None and not self.supports_reduce:
-            raise NotImplementedError(f"{self.name} does not support reduce= (distributed hypergradients)")
         self._sync = device.type == "cuda"
         start = time.perf_counter()
         # Second derivatives through attention: the fused SDPA kernels (flash / memory-efficient) have no

@@ -10,6 +10,7 @@ from torch.func import grad, grad_and_value
 
 from .._tree import Tree
 from ..problem import check_finite
+from ..products import Reduce
 from .base import Solver, _check_choice, _check_int, _check_positive
 
 Optimizer = Literal["sgd", "momentum", "adam"]
@@ -34,6 +35,15 @@ class ITD(Solver):
     ``b_t = momentum b_{t-1} + g_t``, ``b_0 = g_0``; ``theta -= lr b_t``) and ``"adam"``
     (``theta -= lr m_hat / (sqrt(v_hat + eps_root) + eps)``; ``eps_root > 0`` keeps the derivative
     of the square root finite where a gradient entry is zero, as optax's ``eps_root``).
+
+    Data-parallel (``reduce=`` an all-reduce mean over ranks, e.g.
+    :func:`bilevel.distributed.all_reduce_mean`): every unrolled step uses the rank-averaged
+    gradient, ``theta_{t+1} = theta_t - lr * mean_r grad_theta g_r(theta_t, phi)``, inside the
+    differentiated trajectory; the backward pass through each average is again a rank average (the
+    rank mean is self-adjoint), and the final result is the rank mean of the local gradients. With
+    equal shards this is the whole-batch ITD hypergradient on every rank. This path unrolls with
+    plain :func:`torch.autograd.grad` (``create_graph=True``) since :mod:`torch.func` transforms do
+    not trace collectives; ``reduce`` must be the rank *mean* (linear and self-adjoint).
     """
 
     steps: int = 10
@@ -45,7 +55,6 @@ class ITD(Solver):
     eps_root: float = 1e-16
 
     name = "itd"
-    supports_reduce = False
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps, 0)
@@ -77,6 +86,8 @@ class ITD(Solver):
     def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
         g = problem.objective("inner", "unrolled inner steps of ITD")
         f = problem.objective("outer", "f after the unrolled steps of ITD")
+        if self._reduce is not None:
+            return self._hypergrad_reduced(g, f, params, hparams, inner_batch, outer_batch, info, self._reduce)
         grad_g = grad_and_value(g)
 
         def unrolled(phi: Tree) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -97,3 +108,44 @@ class ITD(Solver):
         info.inner_value = float(g_vals[0]) if g_vals else None
         info.outer_value = float(f_val)
         return hg
+
+    def _hypergrad_reduced(self, g, f, params, hparams, inner_batch, outer_batch, info, reduce: Reduce) -> Tree:
+        """The data-parallel path (plain autograd; see the class docstring)."""
+        keys = list(params)
+        with self._stage(info, "unroll_and_backward"), torch.enable_grad():
+            phi = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+            theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            state: dict[str, Tree] = {}
+            values = []
+            for t in range(self.steps):
+                g_val = g(theta, phi, inner_batch)
+                check_finite(g_val.detach(), "inner", f"unrolled step {t} of ITD")
+                values.append(g_val.detach())
+                local = torch.autograd.grad(g_val, [theta[k] for k in keys], create_graph=True, allow_unused=True)
+                local = [torch.zeros_like(theta[k]) if d is None else d for d, k in zip(local, keys, strict=True)]
+                g_theta = dict(zip(keys, _ReduceMean.apply(reduce, keys, *local), strict=True))
+                theta = self._update(theta, g_theta, state, t)
+            f_val = f(theta, phi, outer_batch)
+            check_finite(f_val.detach(), "outer", "f after the unrolled steps of ITD")
+            hkeys = list(phi)
+            grads = torch.autograd.grad(f_val, [phi[k] for k in hkeys], allow_unused=True)
+        local_hg = {k: torch.zeros_like(phi[k]) if d is None else d for k, d in zip(hkeys, grads, strict=True)}
+        info.iters = self.steps
+        info.inner_value = float(values[0]) if values else None
+        info.outer_value = float(f_val.detach())
+        return {k: v.detach() for k, v in reduce(local_hg).items()}
+
+
+class _ReduceMean(torch.autograd.Function):
+    """``y = reduce(x)`` (a rank mean) whose backward is ``reduce`` of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, reduce, keys, *tensors):  # type: ignore[override]
+        ctx.reduce, ctx.keys = reduce, keys
+        out = reduce(dict(zip(keys, (t.detach() for t in tensors), strict=True)))
+        return tuple(out[k].clone() for k in keys)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        red = ctx.reduce(dict(zip(ctx.keys, grads, strict=True)))  # grads are materialised (never None)
+        return (None, None, *(red[k] for k in ctx.keys))

@@ -1,0 +1,679 @@
+"""Hypergradient accuracy and cost: every solver (and peer library) against the exact answer.
+
+    python -m benchmarks.hypergrad_accuracy            # default run (<~5 min on 2 CPU cores), writes docs/
+    python -m benchmarks.hypergrad_accuracy --quick    # seconds; writes to a temporary directory
+    python -m benchmarks.hypergrad_accuracy --full     # budgets up to 500, more repeats
+
+Problems (``bilevel.testing``, float64), all evaluated at ``hparams = .hparams(-2.0)`` (every
+``lam_i = -2``, i.e. L2 weights ``exp(-2)``) and ``params = .solution(hparams)`` (the exact inner
+minimiser, so every AID solver's implicit-function assumption holds):
+
+    ridge-diabetes      ridge_diabetes()                 294 train rows x 10 features
+    ridge-d2000         ridge_synthetic(d=2000)          4000 train rows x 2000 features (n = 3 d)
+    logistic-cancer     logistic_breast_cancer()         379 train rows x 30 features
+
+For each solver and budget (``iters`` for the AID solvers, ``steps`` for ITD):
+
+    relative error   ||hg - exact|| / ||exact||   (exact: a dense solve with the Hessian)
+    cosine           <hg, exact> / (||hg|| ||exact||)   (scale-free: the only fair score of aid-fp-lite)
+    ms               median wall-clock milliseconds of one hypergradient over ``repeats`` runs after warm-up
+    x grad           ms / (median ms of one ``torch.func.grad(problem.inner)`` at the same point)
+
+Step sizes: AID-FP and StocBiO ``alpha = 1/L`` and ITD ``lr = 1/L``, ``L`` the largest eigenvalue of
+the inner Hessian (``.curvature()``); AID-CG ``tol = 1e-14`` (it may stop before its budget: the
+HVP column says how many products it used). AID-FP-Lite and the peers' "identity" use ``scale = 1``
+(MELTR's ``H^{-1} ~ I``). StocBiO draws every Hessian-vector product from one of four random
+quarters of the training rows (fixed seed), cycled; its error is the median over the timed runs.
+
+Also measured: ``hvp="rev-rev"`` against ``hvp="fwd-rev"`` for AID-CG at a fixed budget, and the
+peak memory of one hypergradient against the iteration count in fresh subprocesses
+(:mod:`benchmarks._measure`). Results are printed and written to ``docs/results.md`` between the
+``hypergrad_accuracy`` markers, with PNG plots in ``docs/img/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import bilevel as bl
+from bilevel import testing
+
+from ._measure import MemoryPoint, measure_memory, time_call
+
+Tree = dict[str, torch.Tensor]
+
+HPARAM_VALUE = -2.0
+CG_TOL = 1e-14
+N_QUARTERS = 4
+SECTION = "hypergrad_accuracy"
+REPO = Path(__file__).resolve().parents[1]
+
+PROBLEMS: dict[str, Callable[[], testing.RidgeL2]] = {
+    "ridge-diabetes": testing.ridge_diabetes,
+    "ridge-d2000": partial(testing.ridge_synthetic, d=2000),
+    "logistic-cancer": testing.logistic_breast_cancer,
+}
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one run measures.
+
+    Attributes:
+        mode: "quick", "default" or "full".
+        problems: names from :data:`PROBLEMS`.
+        budgets: iteration budgets per problem.
+        repeats, warmup: timed and untimed runs per point (the median of ``repeats`` is reported).
+        hvp_iters: AID-CG budget of the HVP-mode comparison.
+        memory_solvers, memory_budgets: the grid of peak-memory points (one subprocess each).
+        memory_n, memory_d: size of ``ridge_synthetic(d, n)`` for the memory points.
+        peers: also run the peer libraries of :mod:`benchmarks.peers`.
+    """
+
+    mode: str
+    problems: tuple[str, ...]
+    budgets: dict[str, tuple[int, ...]]
+    repeats: int = 5
+    warmup: int = 1
+    hvp_iters: int = 10
+    memory_solvers: tuple[str, ...] = ("aid-cg", "aid-fp", "itd")
+    memory_budgets: tuple[int, ...] = (1, 10, 50, 100, 200)
+    memory_n: int = 15_000
+    memory_d: int = 100
+    peers: bool = True
+
+
+SMALL = (1, 2, 5, 10, 20, 50, 100, 200)
+
+
+def make_config(mode: str, peers: bool = True, memory: bool = True) -> Config:
+    """The preset for ``mode`` ("quick", "default", "full"); ``memory=False`` drops the memory points."""
+    if mode == "quick":
+        cfg = Config(
+            mode, ("ridge-diabetes", "logistic-cancer"), dict.fromkeys(PROBLEMS, (1, 5, 20)), repeats=1,
+            hvp_iters=5, memory_solvers=("itd",), memory_budgets=(1, 50), memory_n=3000, memory_d=20,
+            peers=peers,
+        )  # fmt: skip
+    elif mode == "default":
+        budgets = dict.fromkeys(PROBLEMS, SMALL) | {"ridge-d2000": (1, 2, 5, 10, 20, 50)}
+        cfg = Config(mode, tuple(PROBLEMS), budgets, memory_budgets=(1, 10, 50, 200), peers=peers)
+    elif mode == "full":
+        cfg = Config(
+            mode, tuple(PROBLEMS), dict.fromkeys(PROBLEMS, (*SMALL, 500)), repeats=9, hvp_iters=20,
+            memory_budgets=(1, 10, 50, 100, 200, 500), memory_n=30_000, peers=peers,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose quick, default or full")
+    if not memory:
+        cfg = dataclasses.replace(cfg, memory_budgets=())
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class Case:
+    """One reference problem at its evaluation point, with everything the solvers need."""
+
+    name: str
+    ref: testing.RidgeL2
+    problem: bl.BilevelProblem
+    params: Tree
+    hparams: Tree
+    exact: Tree
+    mu: float
+    L: float
+    quarters: list[tuple[torch.Tensor, torch.Tensor]]
+    grad_ms: float = float("nan")
+
+    @property
+    def shape(self) -> str:
+        return f"{self.ref.X_tr.shape[0]} x {self.ref.dim} (val {self.ref.X_val.shape[0]})"
+
+
+def quarters(batch: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four disjoint random quarters of the rows of ``(X, y)`` (fixed seed): StocBiO's mini-batches."""
+    X, y = batch
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(X.shape[0]))
+    return [(X[idx], y[idx]) for idx in perm.tensor_split(N_QUARTERS)]
+
+
+def make_case(name: str) -> Case:
+    ref = PROBLEMS[name]()
+    hp = ref.hparams(HPARAM_VALUE)
+    mu, L = ref.curvature(hp)
+    case = Case(
+        name, ref, ref.problem(), ref.solution(hp), hp, ref.exact_hypergrad(hp), mu, L, quarters(ref.inner_batch)
+    )
+    grad_inner = torch.func.grad(ref.inner)
+    case.grad_ms, _ = time_call(lambda: grad_inner(case.params, case.hparams, ref.inner_batch), repeats=21, warmup=2)
+    return case
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Estimate:
+    """One computed hypergradient: the tree, the HVPs used (None where unknown), a note on flags,
+    and our solvers' stage times (``HypergradInfo.times``, seconds)."""
+
+    hg: Tree
+    n_hvp: int | None = None
+    note: str = ""
+    times: dict[str, float] = field(default_factory=dict)
+
+
+Thunk = Callable[[], Estimate]
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One of our solvers: registry name, the option its budget sets (None: no budget), fixed options."""
+
+    name: str
+    budget_key: str | None
+    options: Callable[[Case], dict[str, Any]]
+
+
+OUR_SOLVERS: tuple[SolverSpec, ...] = (
+    SolverSpec("aid-cg", "iters", lambda c: {"tol": CG_TOL, "on_negative_curvature": "raise"}),
+    SolverSpec("aid-fp", "iters", lambda c: {"alpha": 1.0 / c.L}),
+    SolverSpec("stocbio", "iters", lambda c: {"alpha": 1.0 / c.L, "batches": c.quarters, "on_divergence": "ignore"}),
+    SolverSpec("itd", "steps", lambda c: {"lr": 1.0 / c.L}),
+    SolverSpec("aid-fp-lite", None, lambda c: {"scale": 1.0}),
+)
+
+
+def _info_note(info: bl.HypergradInfo) -> str:
+    flags = [name for name in ("diverged", "negative_curvature") if getattr(info, name)]
+    return ",".join(flags)
+
+
+def solver_thunk(spec: SolverSpec, case: Case, budget: int | None, **extra: Any) -> Thunk:
+    """A thunk computing one hypergradient with our solver ``spec`` on ``case`` (``extra``: more options)."""
+    opts = spec.options(case) | extra
+    if spec.budget_key is not None:
+        opts[spec.budget_key] = budget
+    solver = bl.get_solver(spec.name, **opts)
+    ref = case.ref
+
+    def run() -> Estimate:
+        hg, info = solver.hypergrad(
+            case.problem, case.params, case.hparams, ref.inner_batch, ref.outer_batch, return_info=True
+        )
+        return Estimate(hg, info.n_hvp, _info_note(info), info.times)
+
+    return run
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row label of the grid and how to build its thunk for a case and budget."""
+
+    label: str
+    budgeted: bool
+    build: Callable[[Case, int | None], Thunk]
+    peer: bool = False
+
+
+def our_methods() -> list[Method]:
+    return [Method(s.name, s.budget_key is not None, partial(solver_thunk, s)) for s in OUR_SOLVERS]
+
+
+def _peer_thunk(peers_mod: Any, peer: str, method: str, case: Case, budget: int | None) -> Thunk:
+    ref = case.ref
+    kw = {"iters": budget or 0, "lr": 1.0 / case.L, "alpha": 1.0 / case.L, "tol": CG_TOL}
+
+    def run() -> Estimate:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hg = peers_mod.peer_hypergrad(
+                peer, method, case.problem, case.params, case.hparams, ref.inner_batch, ref.outer_batch, **kw
+            )
+        return Estimate(hg, None, "non-finite" if any("not finite" in str(w.message) for w in caught) else "")
+
+    return run
+
+
+def peer_methods() -> tuple[list[Method], list[str]]:
+    """Methods of the importable peers, and "skipped: <reason>" lines for the rest."""
+    try:
+        from . import peers as peers_mod
+    except Exception as exc:  # the module may be missing or broken: report and go on
+        return [], [f"skipped: all peers: benchmarks.peers does not import ({type(exc).__name__}: {exc})"]
+    methods, skipped = [], []
+    for peer, version in peers_mod.available().items():
+        if version is None:
+            skipped.append(f"skipped: {peer}: does not import (install with scripts/install_peers.sh)")
+            continue
+        for m in peers_mod.PEER_METHODS.get(peer, ()):
+            label = f"{peer}/{m}"
+            methods.append(Method(label, m != "identity", partial(_peer_thunk, peers_mod, peer, m), peer=True))
+    return methods, skipped
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class AccuracyRow:
+    """One (problem, method, budget) point: error against the exact hypergradient and time."""
+
+    problem: str
+    method: str
+    budget: int | None
+    rel_error: float
+    cosine: float
+    ms: float
+    cost_grads: float
+    n_hvp: int | None = None
+    note: str = ""
+    peer: bool = False
+
+
+@dataclass
+class HVPRow:
+    """AID-CG with one HVP mode at a fixed budget."""
+
+    problem: str
+    mode: str
+    iters: int
+    ms: float
+    solve_ms_per_hvp: float
+    rel_error: float
+
+
+def _flat(tree: Tree, keys: Iterable[str] | None = None) -> torch.Tensor:
+    """All leaves of ``tree`` as one vector, in the order of ``keys`` (default: the tree's own)."""
+    return torch.cat([tree[k].reshape(-1) for k in (tree if keys is None else keys)])
+
+
+def rel_error(hg: Tree, exact: Tree) -> float:
+    """``||hg - exact|| / ||exact||`` over the whole tree (nan if ``hg`` is not finite)."""
+    a, b = _flat(hg, exact), _flat(exact)
+    return float((a - b).norm() / b.norm()) if bool(torch.isfinite(a).all()) else float("nan")
+
+
+def cosine(hg: Tree, exact: Tree) -> float:
+    """``<hg, exact> / (||hg|| ||exact||)`` (nan if ``hg`` is not finite)."""
+    a, b = _flat(hg, exact), _flat(exact)
+    return float(a @ b / (a.norm() * b.norm())) if bool(torch.isfinite(a).all()) else float("nan")
+
+
+def measure_point(case: Case, method: Method, budget: int | None, cfg: Config) -> AccuracyRow:
+    """Time ``method`` at ``budget`` on ``case``; failures become a row with a note, not an exception."""
+    row = AccuracyRow(case.name, method.label, budget, float("nan"), float("nan"), float("nan"), float("nan"))
+    row.peer = method.peer
+    try:
+        ms, outs = time_call(method.build(case, budget), cfg.repeats, cfg.warmup)
+    except Exception as exc:
+        row.note = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+        return row
+    errors = [rel_error(o.hg, case.exact) for o in outs]
+    row.rel_error = float(np.median(errors))
+    row.cosine = float(np.median([cosine(o.hg, case.exact) for o in outs]))
+    row.ms, row.cost_grads = ms, ms / case.grad_ms
+    row.n_hvp, row.note = outs[-1].n_hvp, ",".join(sorted({o.note for o in outs if o.note}))
+    return row
+
+
+def accuracy_grid(cases: list[Case], methods: list[Method], cfg: Config) -> list[AccuracyRow]:
+    tasks = [(c, m, b) for c in cases for m in methods for b in (cfg.budgets[c.name] if m.budgeted else (None,))]
+    return [measure_point(c, m, b, cfg) for c, m, b in tqdm(tasks, desc="accuracy grid", unit="pt", file=sys.stderr)]
+
+
+def hvp_comparison(cases: list[Case], cfg: Config) -> list[HVPRow]:
+    """AID-CG with ``hvp="rev-rev"`` vs ``"fwd-rev"`` at ``cfg.hvp_iters`` (tol 1e-300: the full budget runs)."""
+    spec = OUR_SOLVERS[0]
+    rows = []
+    tasks = [(c, mode) for c in cases for mode in ("rev-rev", "fwd-rev")]
+    for case, mode in tqdm(tasks, desc="hvp modes", unit="pt", file=sys.stderr):
+        thunk = solver_thunk(spec, case, cfg.hvp_iters, hvp=mode, tol=1e-300, on_negative_curvature="ignore")
+        ms, outs = time_call(thunk, cfg.repeats, cfg.warmup)
+        solve_ms = 1e3 * float(np.median([o.times["solve"] for o in outs]))
+        n_hvp = max(outs[-1].n_hvp or 1, 1)
+        rows.append(HVPRow(case.name, mode, n_hvp, ms, solve_ms / n_hvp, rel_error(outs[-1].hg, case.exact)))
+    return rows
+
+
+def memory_grid(cfg: Config) -> list[MemoryPoint]:
+    tasks = [(s, b) for s in cfg.memory_solvers for b in cfg.memory_budgets]
+    return [
+        measure_memory(s, b, cfg.memory_n, cfg.memory_d)
+        for s, b in tqdm(tasks, desc="memory (subprocesses)", unit="pt", file=sys.stderr)
+    ]
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class Results:
+    """Everything one run measured, plus what is needed to describe it."""
+
+    cfg: Config
+    command: str
+    cases: list[Case]
+    rows: list[AccuracyRow] = field(default_factory=list)
+    hvp_rows: list[HVPRow] = field(default_factory=list)
+    memory: list[MemoryPoint] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    peer_versions: dict[str, str | None] = field(default_factory=dict)
+    started: str = ""
+    seconds: float = 0.0
+
+
+def run(cfg: Config, command: str = "python -m benchmarks.hypergrad_accuracy") -> Results:
+    """Measure everything ``cfg`` asks for (no output written)."""
+    import time
+
+    start = time.perf_counter()
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    cases = [make_case(name) for name in tqdm(cfg.problems, desc="problems (exact answers)", file=sys.stderr)]
+    methods = our_methods()
+    res = Results(cfg, command, cases, started=started)
+    if cfg.peers:
+        peer_list, res.skipped = peer_methods()
+        methods += peer_list
+        try:
+            from .peers import available
+
+            res.peer_versions = available()
+        except Exception:
+            res.peer_versions = {}
+    else:
+        res.skipped = ["skipped: peers: disabled with --no-peers"]
+    res.rows = accuracy_grid(cases, methods, cfg)
+    res.hvp_rows = hvp_comparison(cases, cfg)
+    res.memory = memory_grid(cfg)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(x: float | None, spec: str = ".2e") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pivot(rows: list[AccuracyRow], budgets: tuple[int, ...], cell: Callable[[AccuracyRow], str]) -> str:
+    methods = list(dict.fromkeys(r.method for r in rows))
+    by = {(r.method, r.budget): r for r in rows}
+    body = []
+    for m in methods:
+        if (m, None) in by:  # no budget: one point, shown under every column would mislead
+            r = by[(m, None)]
+            body.append([m, cell(r) + " (no budget)"] + [""] * (len(budgets) - 1))
+        else:
+            body.append([m] + [cell(by[(m, b)]) if (m, b) in by else "" for b in budgets])
+    return _table(["method \\ budget"] + [str(b) for b in budgets], body)
+
+
+def _err_cell(r: AccuracyRow) -> str:
+    return (_fmt(r.rel_error) + (f" ({r.note})" if r.note else "")) if not r.note.startswith("failed") else r.note
+
+
+def _ms_cell(r: AccuracyRow) -> str:
+    return "-" if math.isnan(r.ms) else f"{r.ms:.3g} ({r.cost_grads:.3g}x)"
+
+
+def _case_cells(c: Case) -> list[str]:
+    norm = float(_flat(c.exact).norm())
+    return [c.name, c.shape, f"{c.mu:.3g}", f"{c.L:.3g}", f"{c.L / c.mu:.3g}", f"{norm:.3g}", f"{c.grad_ms:.3g}"]
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def render_markdown(res: Results, images: dict[str, str]) -> str:
+    """The docs section: setup, per-problem tables, HVP modes, memory, plots (``images``: title -> path)."""
+    cfg = res.cfg
+    out = [
+        "## Hypergradient accuracy and cost",
+        "",
+        f"Command: `{res.command}` (mode `{cfg.mode}`), run {res.started} in {res.seconds:.0f} s.  ",
+        f"Machine: {machine()}.  ",
+        "Timings are medians of "
+        f"{cfg.repeats} runs after {cfg.warmup} warm-up run(s), wall clock, on a machine possibly shared with "
+        "other work: treat them as indicative.",
+        "",
+        f"Point: `hparams = .hparams({HPARAM_VALUE})` (every `lam_i = {HPARAM_VALUE}`), `params = .solution(hparams)` "
+        "(exact inner minimiser). AID-FP / StocBiO `alpha = 1/L`, ITD `lr = 1/L` (`L` from `.curvature()`), "
+        f"AID-CG `tol = {CG_TOL:g}` (may stop before its budget), AID-FP-Lite and peers' identity `scale = 1`, "
+        f"StocBiO's HVPs on {N_QUARTERS} random quarters of the training rows (error: median over the timed runs). "
+        "Peers get the same `lr`, `alpha`, `tol` and budget (`iters`).",
+        "",
+        _table(
+            ["problem", "train x d (val)", "mu", "L", "L/mu", "||exact||", "1 inner grad (ms)"],
+            [_case_cells(c) for c in res.cases],
+        ),
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in res.peer_versions.items() if v)
+    if versions:
+        out += ["", f"Peers: {versions}."]
+    if res.skipped:
+        out += [""] + [f"- {s}" for s in res.skipped]
+    for case in res.cases:
+        rows = [r for r in res.rows if r.problem == case.name]
+        budgets = cfg.budgets[case.name]
+        out += [
+            "",
+            f"### {case.name}: relative error `||hg - exact|| / ||exact||`",
+            "",
+            _pivot(rows, budgets, _err_cell),
+            "",
+            f"### {case.name}: ms per hypergradient (in units of one inner gradient)",
+            "",
+            _pivot(rows, budgets, _ms_cell),
+        ]
+    cos_rows = [r for r in res.rows if r.budget is None]
+    if cos_rows:
+        out += ["", "Cosine with the exact hypergradient of the no-budget methods (identity Hessian):", ""]
+        cells = [[r.problem, r.method, _fmt(r.cosine, ".4f"), _fmt(r.rel_error)] for r in cos_rows]
+        out.append(_table(["problem", "method", "cosine", "rel. error"], cells))
+    out += [
+        "",
+        f"### HVP mode: AID-CG, {cfg.hvp_iters} iterations",
+        "",
+        '`"rev-rev"` (`torch.func.vjp` of the gradient; the first-order graph is built once and reused) vs '
+        '`"fwd-rev"` (`torch.func.jvp` of the gradient, re-traced at every product).',
+        "",
+        _table(
+            ["problem", "hvp", "HVPs", "ms / hypergradient", "ms / HVP (solve stage)", "rel. error"],
+            [
+                [h.problem, h.mode, str(h.iters), f"{h.ms:.3g}", f"{h.solve_ms_per_hvp:.3g}", _fmt(h.rel_error)]
+                for h in res.hvp_rows
+            ],
+        ),
+    ]
+    ratios = _hvp_ratios(res.hvp_rows)
+    if ratios:
+        out += [
+            "",
+            "fwd-rev / rev-rev time per hypergradient: " + ", ".join(f"{k} {v:.3g}x" for k, v in ratios.items()),
+        ]
+    if res.memory:
+        out += [
+            "",
+            f"### Peak memory vs iterations: `ridge_synthetic(d={cfg.memory_d}, n={cfg.memory_n})`",
+            "",
+            "Extra MiB = peak RSS during one hypergradient minus RSS just before it, in a fresh process after a "
+            "warm-up on a tiny problem (peak counter `VmHWM` = `ru_maxrss` reset via `/proc/self/clear_refs`; "
+            "glibc with `MALLOC_MMAP_THRESHOLD_=65536` and `malloc_trim(0)` so freed memory is not silently "
+            "reused). CUDA column: `torch.cuda.max_memory_allocated` above the allocation before the call.",
+            "",
+            _memory_table(res.memory),
+        ]
+    for title, path in images.items():
+        out += ["", f"![{title}]({path})"]
+    return "\n".join(out) + "\n"
+
+
+def _hvp_ratios(rows: list[HVPRow]) -> dict[str, float]:
+    by = {(h.problem, h.mode): h.ms for h in rows}
+    probs = dict.fromkeys(h.problem for h in rows)
+    return {p: by[(p, "fwd-rev")] / by[(p, "rev-rev")] for p in probs if (p, "fwd-rev") in by and (p, "rev-rev") in by}
+
+
+def _memory_table(points: list[MemoryPoint]) -> str:
+    rows = []
+    for p in points:
+        rows.append([
+            p.solver, str(p.budget), str(p.iters_done) if p.iters_done is not None else "-",
+            _fmt(p.rss_extra_mb, ".1f") + ("" if p.reset else " (lower bound)"), _fmt(p.cuda_extra_mb, ".1f"),
+            p.error or "",
+        ])  # fmt: skip
+    return _table(["solver", "budget", "iters run", "extra RSS (MiB)", "extra CUDA (MiB)", "error"], rows)
+
+
+def write_section(path: Path, body: str, name: str = SECTION) -> None:
+    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in ``path``
+    (created with a ``# Results`` title if missing; the markers are appended if absent)."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+# colour = algorithm, line style and marker = library (ours solid)
+KIND_OF = {"aid-cg": "cg", "aid-fp": "neumann", "stocbio": "stocbio", "itd": "itd", "aid-fp-lite": "identity"}
+KIND_COLOR = {"cg": "C0", "neumann": "C1", "stocbio": "C2", "itd": "C3", "identity": "C4"}
+LIB_STYLE = {"bilevel": ("-", "o"), "torchopt": ("--", "s"), "higher": (":", "^"), "betty": ("-.", "D")}
+
+
+def _style(method: str) -> dict[str, Any]:
+    lib, _, kind = method.rpartition("/")
+    lib, kind = (lib, kind) if lib else ("bilevel", KIND_OF.get(method, method))
+    ls, marker = LIB_STYLE.get(lib, ("--", "x"))
+    return {"color": KIND_COLOR.get(kind, "C7"), "linestyle": ls, "marker": marker, "ms": 4}
+
+
+def plot_error_vs_time(res: Results, path: Path) -> None:
+    """Log-log relative error vs ms per hypergradient, one panel per problem, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(res.cases), figsize=(5 * len(res.cases) + 2, 4.5), squeeze=False)
+    for ax, case in zip(axes[0], res.cases, strict=True):
+        rows = [r for r in res.rows if r.problem == case.name and not math.isnan(r.rel_error)]
+        for m in dict.fromkeys(r.method for r in rows):
+            pts = [(r.ms, max(r.rel_error, 1e-17)) for r in rows if r.method == m]  # in budget order
+            ax.plot(*zip(*pts, strict=True), label=m, **_style(m))
+        ax.set(xscale="log", yscale="log", title=case.name, xlabel="ms per hypergradient", ylabel="relative error")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_memory(points: list[MemoryPoint], path: Path) -> None:
+    """Extra peak memory (MiB) vs iterations/steps, one line per solver (and CUDA if measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for solver in dict.fromkeys(p.solver for p in points):
+        ok = [p for p in points if p.solver == solver and p.rss_extra_mb is not None]
+        ax.plot([p.budget for p in ok], [p.rss_extra_mb for p in ok], "-o", label=f"{solver} (RSS)")
+        cuda = [p for p in ok if p.cuda_extra_mb is not None]
+        if cuda:
+            ax.plot([p.budget for p in cuda], [p.cuda_extra_mb for p in cuda], ":s", label=f"{solver} (CUDA)")
+    ax.set(
+        xlabel="iterations / unrolled steps", ylabel="extra peak memory (MiB)", title="peak memory of one hypergradient"
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(res: Results, out_dir: Path) -> Path:
+    """PNG plots under ``out_dir/img`` and the section of ``out_dir/results.md``; returns the markdown path."""
+    images = {"relative error vs time": "img/hypergrad_error_vs_time.png"}
+    plot_error_vs_time(res, out_dir / images["relative error vs time"])
+    if any(p.rss_extra_mb is not None for p in res.memory):
+        images["peak memory vs iterations"] = "img/hypergrad_memory.png"
+        plot_memory(res.memory, out_dir / images["peak memory vs iterations"])
+    md = out_dir / "results.md"
+    write_section(md, render_markdown(res, images))
+    return md
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> Results:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="seconds: 2 small problems, 3 budgets (smoke test)")
+    group.add_argument("--full", action="store_true", help="budgets up to 500, 9 repeats, bigger memory problem")
+    parser.add_argument(
+        "--out-dir", type=Path, help="where results.md and img/ go (default: docs/, or a temp dir with --quick)"
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    cfg = make_config(mode, peers=not args.no_peers, memory=not args.no_memory)
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="hypergrad_quick_")) if args.quick else REPO / "docs")
+    res = run(cfg, " ".join(["python -m benchmarks.hypergrad_accuracy", *argv]))
+    md = write_outputs(res, out_dir)
+    print(render_markdown(res, {}))
+    print(f"wrote {md} and plots under {out_dir / 'img'} ({res.seconds:.0f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
