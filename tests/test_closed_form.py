@@ -68,34 +68,40 @@ def _fd_hypergrad(P, h, eps=1e-5):
     return {"lam": out}
 
 
-def test_logistic_ift_matches_finite_differences(breast_cancer):
+@pytest.fixture(scope="module")
+def logistic_fd(breast_cancer):
+    h = _hparams(breast_cancer, 3)
+    return h, _fd_hypergrad(breast_cancer, h)
+
+
+def test_logistic_ift_matches_finite_differences(breast_cancer, logistic_fd):
     """The explicit-Hessian IFT reference itself agrees with central differences of F (Newton inner)."""
-    P = breast_cancer
-    h = _hparams(P, 3)
-    assert rel_err(P.exact_hypergrad(h), _fd_hypergrad(P, h)) < 1e-6
+    h, fd = logistic_fd
+    assert rel_err(breast_cancer.exact_hypergrad(h), fd) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["aid-cg", "aid-fp", "itd"])
-def test_logistic_solvers_match_finite_differences(breast_cancer, name):
+def test_logistic_solvers_match_finite_differences(breast_cancer, logistic_fd, name):
     P = breast_cancer
-    h = _hparams(P, 3)
+    h, fd = logistic_fd
     solver, _ = _solvers_for(P, h)[name]
     hg = solver.hypergrad(P.problem(), P.solution(h), h, P.inner_batch, P.outer_batch)
-    assert rel_err(hg, _fd_hypergrad(P, h)) < 1e-6
+    assert rel_err(hg, fd) < 1e-6
 
 
-def test_hvp_modes_agree(breast_cancer):
+@pytest.mark.parametrize("name", ["aid-cg", "aid-fp", "aid-fp-lite", "stocbio"])
+def test_hvp_modes_agree(breast_cancer, name):
     P = breast_cancer
     h = _hparams(P, 4)
     theta = P.solution(h)
-    a, ia = bl.AIDCG(iters=10, hvp="rev-rev").hypergrad(
-        P.problem(), theta, h, P.inner_batch, P.outer_batch, return_info=True
-    )
-    b, ib = bl.AIDCG(iters=10, hvp="fwd-rev").hypergrad(
-        P.problem(), theta, h, P.inner_batch, P.outer_batch, return_info=True
-    )
-    assert ia.n_hvp == ib.n_hvp == 10
-    assert rel_err(a, b) < 1e-12
+    opts = {"aid-fp-lite": {}}.get(name, {"iters": 10})
+    out = {}
+    for mode in ("rev-rev", "autograd", "fwd-rev"):
+        solver = bl.get_solver(name, hvp=mode, **opts)
+        out[mode], info = solver.hypergrad(P.problem(), theta, h, P.inner_batch, P.outer_batch, return_info=True)
+        assert info.n_hvp == opts.get("iters", 0)
+    assert rel_err(out["autograd"], out["rev-rev"]) < 1e-12
+    assert rel_err(out["fwd-rev"], out["rev-rev"]) < 1e-12
 
 
 def test_stocbio_minibatches(diabetes):
@@ -133,7 +139,7 @@ def test_no_side_effects(diabetes):
     assert torch.equal(w.detach(), w_before) and torch.equal(lam.detach(), lam_before)
 
 
-@pytest.mark.parametrize("name", sorted(bl.SOLVERS))
+@pytest.mark.parametrize("name", [*sorted(bl.SOLVERS), "aid-cg:autograd", "aid-fp-lite:autograd"])
 def test_unused_hparams_give_exact_zeros(name):
     """f without direct dependence on hparams (MELTR's case) and a hparam that reaches no loss."""
 
@@ -145,7 +151,9 @@ def test_unused_hparams_give_exact_zeros(name):
 
     h = {"target": torch.tensor([0.5, -1.0], dtype=torch.float64), "unused": torch.ones(3, dtype=torch.float64)}
     w = {"w": h["target"] / 2}  # argmin of g
-    hg = bl.get_solver(name).hypergrad(bl.BilevelProblem(g, f), w, h, None, None)
+    name, _, mode = name.partition(":")
+    solver = bl.get_solver(name, **({"hvp": mode} if mode else {}))
+    hg = solver.hypergrad(bl.BilevelProblem(g, f), w, h, None, None)
     assert torch.equal(hg["unused"], torch.zeros(3, dtype=torch.float64))
     assert hg["target"].abs().sum() > 0
     if name == "aid-cg":  # H = 2 I, J = -I:  dF/dtarget = 1/2 * 2 (w - 1) = w - 1

@@ -26,7 +26,13 @@ def quad_problem(inner_scale=1.0):
 
 P = {"w": torch.zeros(3, dtype=F64)}
 H = {"h": torch.zeros(3, dtype=F64)}
-ALL = sorted(bl.SOLVERS)
+ALL = [*sorted(bl.SOLVERS), "aid-cg:autograd", "aid-fp-lite:fwd-rev"]
+
+
+def make(name):
+    """``"aid-cg:autograd"`` -> AIDCG(hvp="autograd")."""
+    name, _, mode = name.partition(":")
+    return bl.get_solver(name, **({"hvp": mode} if mode else {}))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -38,7 +44,7 @@ def test_non_scalar_loss(name, level):
     good = quad_problem()
     prob = bl.BilevelProblem(bad, good.outer) if level == "inner" else bl.BilevelProblem(good.inner, bad)
     with pytest.raises(ValueError, match=rf"{level} objective .* 0-dim .*shape \(3,\)"):
-        bl.get_solver(name).hypergrad(prob, P, H, None, None)
+        make(name).hypergrad(prob, P, H, None, None)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -51,7 +57,7 @@ def test_non_finite_loss(name, level, value):
     good = quad_problem()
     prob = bl.BilevelProblem(bad, good.outer) if level == "inner" else bl.BilevelProblem(good.inner, bad)
     with pytest.raises(FloatingPointError, match=rf"{level} objective . is non-finite .* stage"):
-        bl.get_solver(name).hypergrad(prob, P, H, None, None)
+        make(name).hypergrad(prob, P, H, None, None)
 
 
 def test_non_tensor_and_integer_losses():
@@ -62,7 +68,7 @@ def test_non_tensor_and_integer_losses():
 
 @pytest.mark.parametrize("name", ALL)
 def test_empty_and_malformed_dicts(name):
-    s, prob = bl.get_solver(name), quad_problem()
+    s, prob = make(name), quad_problem()
     with pytest.raises(ValueError, match="params is empty"):
         s.hypergrad(prob, {}, H, None, None)
     with pytest.raises(ValueError, match="hparams is empty"):
@@ -79,7 +85,7 @@ def test_empty_and_malformed_dicts(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_mixed_dtypes_and_devices(name):
-    s, prob = bl.get_solver(name), quad_problem()
+    s, prob = make(name), quad_problem()
     with pytest.raises(ValueError, match=r"mixed dtypes: hparams\['h'\] is torch.float32"):
         s.hypergrad(prob, P, {"h": torch.zeros(3)}, None, None)
     with pytest.raises(ValueError, match="mixed dtypes"):

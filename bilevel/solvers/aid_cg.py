@@ -22,13 +22,14 @@ class AIDCG(AIDSolver):
         on_negative_curvature: policy when ``p^T H p <= 0`` is met: ``"warn"`` (default: warn,
             stop CG, use the iterate so far), ``"raise"`` (:class:`~bilevel.NegativeCurvatureError`)
             or ``"ignore"`` (stop silently; ``info.negative_curvature`` is set in every case).
-        hvp: ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
+        hvp: how products are taken: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"``
+            (see :mod:`bilevel.products`).
     """
 
     iters: int = 20
     tol: float = 1e-10
     on_negative_curvature: Policy = "warn"
-    hvp: HVPMode = "rev-rev"
+    hvp: HVPMode = "autograd"
 
     name = "aid-cg"
 

@@ -28,14 +28,15 @@ class AIDFP(AIDSolver):
             grows past ``divergence_factor * ||grad_theta f||`` or is non-finite, ``"warn"`` or
             ``"ignore"`` (stop summing there; ``info.diverged`` is set).
         divergence_factor: growth that counts as divergence.
-        hvp: ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
+        hvp: how products are taken: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"``
+            (see :mod:`bilevel.products`).
     """
 
     iters: int = 20
     alpha: float = 0.01
     on_divergence: Policy = "raise"
     divergence_factor: float = 10.0
-    hvp: HVPMode = "rev-rev"
+    hvp: HVPMode = "autograd"
 
     name = "aid-fp"
 

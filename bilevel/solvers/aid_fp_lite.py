@@ -25,7 +25,7 @@ class AIDFPLite(AIDSolver):
     """
 
     scale: float = 1.0
-    hvp: HVPMode = "rev-rev"
+    hvp: HVPMode = "autograd"
 
     name = "aid-fp-lite"
 

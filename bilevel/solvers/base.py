@@ -198,7 +198,7 @@ class AIDSolver(Solver):
 
     def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
         with self._stage(info, "grad_outer"):
-            f_val, f_theta, f_phi = outer_gradients(problem, params, hparams, outer_batch, self._reduce)
+            f_val, f_theta, f_phi = outer_gradients(problem, params, hparams, outer_batch, self._reduce, self.hvp)
         with self._stage(info, "linearize"):
             lin = Linearization(problem, params, hparams, inner_batch, self.hvp, self._reduce)
         with self._stage(info, "solve"):

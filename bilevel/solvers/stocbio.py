@@ -34,7 +34,7 @@ class StocBiO(AIDSolver):
     batches: Iterable[Any] | None = field(default=None, repr=False)
     on_divergence: Policy = "raise"
     divergence_factor: float = 10.0
-    hvp: HVPMode = "rev-rev"
+    hvp: HVPMode = "autograd"
 
     name = "stocbio"
 
