@@ -57,11 +57,12 @@ def test_errors_shrink_with_budget_for_deterministic_solvers(quick: tuple[ha.Res
 def test_hvp_modes_and_memory_rows(quick: tuple[ha.Results, Path]) -> None:
     res, _ = quick
     assert {(h.problem, h.mode) for h in res.hvp_rows} == {
-        (c.name, m) for c in res.cases for m in ("rev-rev", "fwd-rev")
+        (c.name, m) for c in res.cases for m in ("autograd", "rev-rev", "fwd-rev")
     }
     by = {(h.problem, h.mode): h for h in res.hvp_rows}
     for c in res.cases:  # both modes compute the same products
         assert abs(by[(c.name, "rev-rev")].rel_error - by[(c.name, "fwd-rev")].rel_error) < 1e-10
+        assert abs(by[(c.name, "autograd")].rel_error - by[(c.name, "rev-rev")].rel_error) < 1e-10
     assert len(res.memory) == len(res.cfg.memory_solvers) * len(res.cfg.memory_budgets)
     for p in res.memory:
         assert p.error is None and p.rss_extra_mb is not None and p.iters_done == p.budget, p

@@ -1,0 +1,601 @@
+"""Video-text data for the MELTR example: an offline default set and loaders for the real formats.
+
+Offline default (:func:`make_digit_clips`): short clips of real handwritten digits
+(``sklearn.datasets.load_digits``, 8x8, upscaled to nothing: pasted as is) moving on a 32x32 canvas.
+One frame is 32*32 = 1024 values, the width of UniVL's S3D features. A clip has ``frames`` (8)
+frames and a caption from a small grammar::
+
+    "the digit seven moves left then up"
+    "the digit three moves down and the digit five moves right"
+
+Retrieval is made hard on purpose: the same digit appears with many motions, two-digit clips share
+digits with one-digit clips, a static unmentioned distractor digit is often present, pixels get
+Gaussian noise, and each split draws its digit images from its own disjoint pool of handwriting.
+
+Real formats, as UniVL distributes them:
+    MSRVTT:   a pickle ``{video_id: float array [frames, 1024]}``, CSV split files with a
+              ``video_id`` column (and a ``sentence`` column for the test split), and
+              ``MSRVTT_data.json`` with ``{"sentences": [{"video_id", "caption"}, ...]}``.
+    YouCook2: a features pickle ``{video_id: [seconds, 1024]}``, a caption pickle
+              ``{video_id: {"start": [n], "end": [n], "text": [n]}}`` and a CSV with ``video_id``.
+Pickles are read with :class:`RestrictedUnpickler` (numpy arrays and plain containers only).
+
+Batches (:class:`Collate`) are dicts of tensors; masks for the masked pretext losses are drawn
+there, from a seeded generator, so the backbone's forward is a deterministic function of the batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DIGIT_WORDS",
+    "DIRECTIONS",
+    "SPECIAL_TOKENS",
+    "Collate",
+    "DigitSplits",
+    "RestrictedUnpickler",
+    "Tokenizer",
+    "UnsafePickleError",
+    "VideoTextDataset",
+    "VideoTextRecord",
+    "load_msrvtt",
+    "load_youcook2",
+    "make_digit_clips",
+    "safe_load_pickle",
+]
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]", "[UNK]")
+CANVAS = 32
+DIGIT = 8
+DEFAULT_SIZES: dict[str, int] = {"pretrain": 2000, "train": 160, "meta": 96, "val": 200, "test": 300}
+
+
+# --------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class VideoTextRecord:
+    """One (video, caption) pair. ``features``: float32 ``[frames, dim]``."""
+
+    video_id: str
+    caption: str
+    features: np.ndarray
+
+
+class VideoTextDataset(torch.utils.data.Dataset):
+    """A list of :class:`VideoTextRecord`; items are dicts ``{"index", "video_id", "caption", "features"}``.
+
+    Attributes:
+        records: the pairs. ``frames`` (optional): raw frames ``[N, F, 32, 32]`` of the digit clips.
+    """
+
+    def __init__(self, records: Sequence[VideoTextRecord], frames: np.ndarray | None = None):
+        self.records = list(records)
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        return {"index": i, "video_id": r.video_id, "caption": r.caption, "features": r.features}
+
+    @property
+    def captions(self) -> list[str]:
+        return [r.caption for r in self.records]
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer:
+    """A word-level tokenizer: lower-case, words of letters/digits/apostrophes, unknown -> ``[UNK]``.
+
+    Ids 0..6 are the special tokens ``[PAD] [CLS] [SEP] [MASK] [BOS] [EOS] [UNK]``.
+    """
+
+    _word = re.compile(r"[a-z0-9']+")
+
+    def __init__(self, words: Iterable[str]):
+        vocab = list(SPECIAL_TOKENS)
+        for w in words:
+            if w not in vocab:
+                vocab.append(w)
+        self.vocab: list[str] = vocab
+        self.ids: dict[str, int] = {w: i for i, w in enumerate(vocab)}
+        (self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.eos_id, self.unk_id) = (
+            self.ids[t] for t in SPECIAL_TOKENS
+        )
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    @classmethod
+    def for_digits(cls) -> Tokenizer:
+        """The closed vocabulary of the digit-clip grammar."""
+        return cls(["the", "digit", "moves", "then", "and", *DIGIT_WORDS, *DIRECTIONS])
+
+    @classmethod
+    def from_captions(cls, captions: Iterable[str], min_count: int = 1) -> Tokenizer:
+        """Vocabulary of the words seen at least ``min_count`` times (sorted by count, then word)."""
+        counts: dict[str, int] = {}
+        for c in captions:
+            for w in cls.split(c):
+                counts[w] = counts.get(w, 0) + 1
+        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(words)
+
+    @classmethod
+    def split(cls, text: str) -> list[str]:
+        return cls._word.findall(text.lower())
+
+    def encode(self, text: str) -> list[int]:
+        """Word ids of ``text`` (no special tokens added)."""
+        return [self.ids.get(w, self.unk_id) for w in self.split(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words of ``ids``, stopping at ``[EOS]`` and skipping the other special tokens."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i < len(SPECIAL_TOKENS) and i != self.unk_id:
+                continue
+            out.append(self.vocab[i])
+        return " ".join(out)
+
+
+# -------------------------------------------------------------------------------- digit clips
+
+
+@dataclass
+class DigitSplits:
+    """The digit-clip splits, each a :class:`VideoTextDataset` (with ``.frames``)."""
+
+    splits: dict[str, VideoTextDataset]
+    tokenizer: Tokenizer = field(default_factory=Tokenizer.for_digits)
+
+    def __getitem__(self, name: str) -> VideoTextDataset:
+        if name not in self.splits:
+            raise KeyError(f"no split {name!r}; splits are {list(self.splits)}")
+        return self.splits[name]
+
+
+def _trajectory(rng: np.random.Generator, frames: int, speed: int) -> tuple[list[str], np.ndarray]:
+    """Motion words and per-frame offsets ``[frames, 2]`` (row, col) relative to the start."""
+    names = list(DIRECTIONS)
+    first = names[rng.integers(4)]
+    if rng.random() < 0.5:
+        words = [first]
+        steps = [first] * (frames - 1)
+    else:
+        second = rng.choice([n for n in names if n != first])
+        words = [first, str(second)]
+        half = frames // 2
+        steps = [first] * half + [str(second)] * (frames - 1 - half)
+    off = np.zeros((frames, 2), dtype=np.int64)
+    for t, s in enumerate(steps, start=1):
+        off[t] = off[t - 1] + speed * np.array(DIRECTIONS[s])
+    return words, off
+
+
+def _paste(canvas: np.ndarray, img: np.ndarray, r: int, c: int, scale: float = 1.0) -> None:
+    np.maximum(canvas[r : r + DIGIT, c : c + DIGIT], scale * img, out=canvas[r : r + DIGIT, c : c + DIGIT])
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """``load_digits`` images scaled to [0, 1] (float32 [1797, 8, 8]) and labels (read once)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0).astype(np.float32)
+    images.flags.writeable = False
+    return images, d.target
+
+
+@functools.cache
+def _projection() -> np.ndarray:
+    """The fixed random orthogonal 1024x1024 matrix (seed 1234) of the projected features."""
+    q, _ = np.linalg.qr(np.random.default_rng(1234).standard_normal((CANVAS * CANVAS, CANVAS * CANVAS)))
+    q = q.astype(np.float32)
+    q.flags.writeable = False
+    return q
+
+
+def make_digit_clips(
+    seed: int = 0,
+    sizes: Mapping[str, int] | None = None,
+    frames: int = 8,
+    speed: int = 2,
+    noise: float = 0.05,
+    p_two: float = 0.4,
+    p_distractor: float = 0.5,
+    projection: bool = False,
+) -> DigitSplits:
+    """Build the offline video-text splits (deterministic from ``seed``).
+
+    Args:
+        sizes: clips per split (default :data:`DEFAULT_SIZES`: pretrain 2000, train 160, meta 96,
+            val 200, test 300). Each split draws digit images from its own pool of ``load_digits``.
+        frames: frames per clip; motions take ``frames - 1`` steps of ``speed`` pixels.
+        noise: std of the Gaussian pixel noise (pixels are in [0, 1]).
+        p_two: probability of a clip with two moving digits.
+        p_distractor: probability of a static, unmentioned distractor digit at half intensity.
+        projection: if True, features are the flattened frames times a fixed random orthogonal
+            1024x1024 matrix (seed 1234, the same for every data seed); else the flattened pixels.
+    Returns:
+        :class:`DigitSplits`; every record's ``features`` is float32 ``[frames, 1024]`` and each
+        split's ``frames`` is ``[N, frames, 32, 32]``.
+    """
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    for k, v in sizes.items():
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"size of split {k!r} must be a non-negative int, got {v!r}")
+    if frames < 2:
+        raise ValueError(f"frames must be >= 2, got {frames}")
+    if speed * (frames - 1) > CANVAS - DIGIT:
+        raise ValueError(f"speed*(frames-1) = {speed * (frames - 1)} does not fit the {CANVAS}px canvas")
+    images, labels = _digits()
+    rng = np.random.default_rng(seed)
+    # disjoint handwriting pools: pretrain 40%, train+meta 20%, val 20%, test 20%
+    perm = rng.permutation(len(images))
+    cut = np.cumsum([0.4, 0.2, 0.2]) * len(images)
+    pools_idx = np.split(perm, cut.astype(int))
+    pool_of = {"pretrain": 0, "train": 1, "meta": 1, "val": 2, "test": 3}
+    proj = _projection() if projection else None
+    out: dict[str, VideoTextDataset] = {}
+    for name, n in sizes.items():
+        pool = pools_idx[pool_of.get(name, 0)]
+        by_label = {d: pool[labels[pool] == d] for d in range(10)}
+        srng = np.random.default_rng([seed, sum(map(ord, name))])
+        clips = np.zeros((n, frames, CANVAS, CANVAS), dtype=np.float32)
+        records = []
+        for i in range(n):
+            canvas = clips[i]
+            if srng.random() < p_distractor:
+                d = int(srng.integers(10))
+                img = images[srng.choice(by_label[d])]
+                r, c = srng.integers(0, CANVAS - DIGIT + 1, size=2)
+                for t in range(frames):
+                    _paste(canvas[t], img, int(r), int(c), 0.5)
+            parts = []
+            for _ in range(2 if srng.random() < p_two else 1):
+                d = int(srng.integers(10))
+                img = images[srng.choice(by_label[d])]
+                words, off = _trajectory(srng, frames, speed)
+                lo = np.maximum(0, -off.min(axis=0))
+                hi = CANVAS - DIGIT - off.max(axis=0)
+                start = np.array([srng.integers(lo[k], hi[k] + 1) for k in range(2)])
+                for t in range(frames):
+                    _paste(canvas[t], img, int(start[0] + off[t, 0]), int(start[1] + off[t, 1]))
+                parts.append(f"the digit {DIGIT_WORDS[d]} moves {' then '.join(words)}")
+            if noise:
+                canvas += noise * srng.standard_normal(canvas.shape).astype(np.float32)
+            feats = canvas.reshape(frames, CANVAS * CANVAS)
+            if proj is not None:
+                feats = feats @ proj
+            records.append(VideoTextRecord(f"{name}{i:05d}", " and ".join(parts), feats))
+        out[name] = VideoTextDataset(records, frames=clips)
+    return DigitSplits(out)
+
+
+# ------------------------------------------------------------------------------------- collate
+
+
+class Collate:
+    """Items -> a batch dict of tensors, with the masks of the masked pretext losses.
+
+    Keys (B items, Lt = max_words + 2, Lc = max_words + 1, F = max_frames or the longest clip):
+        ``index`` [B] long; ``text`` [B, Lt] ``[CLS] w.. [SEP] [PAD]..``; ``text_mask`` [B, Lt] bool
+        (True = real token); ``masked_text`` [B, Lt] (each word -> ``[MASK]`` w.p. ``mask_prob``,
+        at least one per caption unless ``mask_prob`` is 0); ``mlm_labels`` [B, Lt] (the word where masked, else -100);
+        ``video`` [B, F, D] float; ``video_mask`` [B, F] bool; ``masked_video`` [B, F, D] (masked
+        frames zeroed); ``mfm_mask`` [B, F] bool (at least one real frame per clip);
+        ``caption_in`` [B, Lc] ``[BOS] w..``; ``caption_out`` [B, Lc] ``w.. [EOS]`` with -100 on padding.
+
+    Clips longer than ``max_frames`` are subsampled uniformly; captions longer than ``max_words`` are
+    truncated. Masks come from a ``torch.Generator`` seeded with ``seed``: the same items in the same
+    order give the same batches.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_words: int = 20,
+        max_frames: int | None = None,
+        mask_prob: float = 0.15,
+        seed: int = 0,
+    ):
+        if not 0.0 <= mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+        self.tok = tokenizer
+        self.max_words = max_words
+        self.max_frames = max_frames
+        self.mask_prob = mask_prob
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        tok, B = self.tok, len(items)
+        words = [tok.encode(it["caption"])[: self.max_words] for it in items]
+        for it, w in zip(items, words, strict=True):
+            if not w:
+                raise ValueError(f"empty caption for video {it.get('video_id')!r}")
+        Lt, Lc = self.max_words + 2, self.max_words + 1
+        text = torch.full((B, Lt), tok.pad_id, dtype=torch.long)
+        cin = torch.full((B, Lc), tok.pad_id, dtype=torch.long)
+        cout = torch.full((B, Lc), -100, dtype=torch.long)
+        for b, w in enumerate(words):
+            n = len(w)
+            text[b, : n + 2] = torch.tensor([tok.cls_id, *w, tok.sep_id])
+            cin[b, : n + 1] = torch.tensor([tok.bos_id, *w])
+            cout[b, : n + 1] = torch.tensor([*w, tok.eos_id])
+        text_mask = text != tok.pad_id
+        word_pos = text_mask & (text != tok.cls_id) & (text != tok.sep_id)
+        mlm = (torch.rand(B, Lt, generator=self.gen) < self.mask_prob) & word_pos
+        for b, w in enumerate(words):  # at least one masked word per caption (unless mask_prob = 0)
+            if self.mask_prob > 0 and not mlm[b].any():
+                mlm[b, 1 + int(torch.randint(len(w), (1,), generator=self.gen))] = True
+        masked_text = torch.where(mlm, torch.full_like(text, tok.mask_id), text)
+        mlm_labels = torch.where(mlm, text, torch.full_like(text, -100))
+
+        feats = [self._frames(it) for it in items]
+        F = self.max_frames or max(f.shape[0] for f in feats)
+        D = feats[0].shape[1]
+        video = torch.zeros(B, F, D)
+        video_mask = torch.zeros(B, F, dtype=torch.bool)
+        for b, (it, f) in enumerate(zip(items, feats, strict=True)):
+            if f.shape[1] != D:
+                raise ValueError(f"video {it.get('video_id')!r} has feature dim {f.shape[1]}, the batch has {D}")
+            video[b, : f.shape[0]] = torch.as_tensor(f, dtype=torch.float32)
+            video_mask[b, : f.shape[0]] = True
+        mfm = (torch.rand(B, F, generator=self.gen) < self.mask_prob) & video_mask
+        for b, f in enumerate(feats):
+            if self.mask_prob > 0 and not mfm[b].any():
+                mfm[b, int(torch.randint(f.shape[0], (1,), generator=self.gen))] = True
+        masked_video = video.masked_fill(mfm.unsqueeze(-1), 0.0)
+        return {
+            "index": torch.tensor([int(it.get("index", b)) for b, it in enumerate(items)]),
+            "text": text,
+            "text_mask": text_mask,
+            "masked_text": masked_text,
+            "mlm_labels": mlm_labels,
+            "video": video,
+            "video_mask": video_mask,
+            "masked_video": masked_video,
+            "mfm_mask": mfm,
+            "caption_in": cin,
+            "caption_out": cout,
+        }
+
+    def _frames(self, item: Mapping[str, Any]) -> np.ndarray:
+        f = np.asarray(item["features"])
+        if f.ndim != 2 or f.shape[0] == 0:
+            raise ValueError(f"video {item.get('video_id')!r}: features must be [frames>0, dim], got {f.shape}")
+        if self.max_frames and f.shape[0] > self.max_frames:
+            f = f[np.linspace(0, f.shape[0] - 1, self.max_frames).round().astype(int)]
+        return f
+
+
+# ------------------------------------------------------------------------------ safe unpickling
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle asked for a global outside the allow-list (it may try to run code)."""
+
+
+_NUMPY_GLOBALS = {
+    (mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")
+} | {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles
+}
+_BUILTINS = {
+    ("builtins", n)
+    for n in (
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "str",
+        "bytes",
+        "bytearray",
+        "int",
+        "float",
+        "complex",
+        "bool",
+    )
+}
+_CONTAINERS = {("collections", "OrderedDict")}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays/dtypes/scalars and plain builtin containers and numbers.
+
+    Any other global (``os.system``, ``builtins.eval``, arbitrary classes, ...) raises
+    :class:`UnsafePickleError` (a ``pickle.UnpicklingError`` and a ``ValueError``) naming the file.
+    """
+
+    ALLOWED: frozenset[tuple[str, str]] = frozenset(_NUMPY_GLOBALS | _BUILTINS | _CONTAINERS)
+
+    def __init__(self, file: Any, name: str = "<pickle>"):
+        super().__init__(file)
+        self.name = name
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"{self.name}: refusing to unpickle global '{module}.{name}'; only numpy arrays and builtin "
+            "containers/numbers are allowed (the file may try to run code)"
+        )
+
+
+def safe_load_pickle(path: str | Path) -> Any:
+    """Load a pickle with :class:`RestrictedUnpickler`. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pickle file not found: {path}")
+    data = path.read_bytes()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), name=str(path)).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated / corrupt files
+        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+
+
+def _load_features(path: str | Path, feature_dim: int) -> dict[str, np.ndarray]:
+    obj = safe_load_pickle(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict video_id -> array [frames, {feature_dim}], got {type(obj).__name__}")
+    out = {}
+    for vid, arr in obj.items():
+        a = np.asarray(arr)
+        if a.ndim != 2 or a.shape[1] != feature_dim:
+            raise ValueError(f"{path}: video {vid!r} has features of shape {a.shape}, expected [frames, {feature_dim}]")
+        if a.shape[0] == 0:
+            raise ValueError(f"{path}: video {vid!r} has no frames")
+        if not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"{path}: video {vid!r} has non-numeric features (dtype {a.dtype})")
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: video {vid!r} has non-finite features")
+        out[str(vid)] = a
+    return out
+
+
+def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns are {cols}")
+        return list(reader)
+
+
+def _check_caption(text: Any, source: Path | str, vid: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: caption for video {vid!r} is a {type(text).__name__}, not a string")
+    if not text.strip():
+        raise ValueError(f"{source}: empty caption for video {vid!r}")
+    return text.strip()
+
+
+def load_msrvtt(
+    features_path: str | Path,
+    csv_path: str | Path,
+    json_path: str | Path | None = None,
+    feature_dim: int = 1024,
+) -> VideoTextDataset:
+    """MSRVTT as distributed with UniVL.
+
+    Args:
+        features_path: pickle ``{video_id: float array [frames, feature_dim]}``.
+        csv_path: split file with a ``video_id`` column; if it also has ``sentence`` (the
+            JSFusion test file: ``key,vid_key,video_id,sentence``), one pair per row.
+        json_path: ``MSRVTT_data.json``; without a ``sentence`` column, every caption in its
+            ``sentences`` list of a video in the CSV becomes a pair (UniVL's training setup).
+    Raises:
+        ValueError naming the file and the video id for a missing id, a wrong feature dim or an
+        empty caption; :class:`UnsafePickleError` for a pickle that asks for anything but arrays.
+    """
+    feats = _load_features(features_path, feature_dim)
+    rows = _read_csv(csv_path, ["video_id"])
+    has_sentence = bool(rows) and "sentence" in rows[0]
+    captions: dict[str, list[str]] = {}
+    if not has_sentence:
+        if json_path is None:
+            raise ValueError(f"{csv_path}: no 'sentence' column, so the captions JSON (json_path) is required")
+        with Path(json_path).open(encoding="utf-8") as fh:
+            meta = json.load(fh)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sentences"), list):
+            raise ValueError(f"{json_path}: expected an object with a 'sentences' list")
+        for s in meta["sentences"]:
+            vid = str(s.get("video_id"))
+            captions.setdefault(vid, []).append(_check_caption(s.get("caption"), json_path, vid))
+    records = []
+    for row in rows:
+        vid = row["video_id"].strip()
+        if vid not in feats:
+            raise ValueError(f"{features_path}: no features for video {vid!r} (listed in {csv_path})")
+        if has_sentence:
+            records.append(VideoTextRecord(vid, _check_caption(row["sentence"], csv_path, vid), feats[vid]))
+        else:
+            if vid not in captions:
+                raise ValueError(f"{json_path}: no caption for video {vid!r} (listed in {csv_path})")
+            records.extend(VideoTextRecord(vid, c, feats[vid]) for c in captions[vid])
+    if not records:
+        raise ValueError(f"{csv_path}: no videos listed")
+    return VideoTextDataset(records)
+
+
+def load_youcook2(
+    features_path: str | Path,
+    data_path: str | Path,
+    csv_path: str | Path,
+    feature_dim: int = 1024,
+) -> VideoTextDataset:
+    """YouCook2 as distributed with UniVL: one pair per captioned segment.
+
+    Args:
+        features_path: pickle ``{video_id: float array [seconds, feature_dim]}`` (1 feature per second).
+        data_path: pickle ``{video_id: {"start": [n], "end": [n], "text": [n]}}`` (segment bounds in
+            seconds, inclusive, and their captions).
+        csv_path: split file with a ``video_id`` column.
+    Raises:
+        ValueError naming the file and the video id for a missing id, a wrong feature dim, an empty
+        caption or an empty segment; :class:`UnsafePickleError` for an unsafe pickle.
+    """
+    feats = _load_features(features_path, feature_dim)
+    data = safe_load_pickle(data_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{data_path}: expected a dict video_id -> {{'start', 'end', 'text'}}")
+    records = []
+    for row in _read_csv(csv_path, ["video_id"]):
+        vid = row["video_id"].strip()
+        if vid not in feats:
+            raise ValueError(f"{features_path}: no features for video {vid!r} (listed in {csv_path})")
+        seg = data.get(vid)
+        if not isinstance(seg, dict) or not all(k in seg for k in ("start", "end", "text")):
+            raise ValueError(f"{data_path}: no segments (start/end/text) for video {vid!r} (listed in {csv_path})")
+        starts, ends, texts = (list(np.asarray(seg[k]).reshape(-1)) for k in ("start", "end", "text"))
+        if not (len(starts) == len(ends) == len(texts)):
+            raise ValueError(f"{data_path}: video {vid!r} has start/end/text of different lengths")
+        f = feats[vid]
+        for j, (s, e, t) in enumerate(zip(starts, ends, texts, strict=True)):
+            s, e = int(s), int(e)
+            if not 0 <= s <= e or s >= f.shape[0]:
+                raise ValueError(
+                    f"{data_path}: video {vid!r} segment {j} [{s}, {e}] is outside its {f.shape[0]} feature frames"
+                )
+            text = _check_caption(t, data_path, vid)
+            records.append(VideoTextRecord(f"{vid}_{j}", text, f[s : e + 1]))
+    if not records:
+        raise ValueError(f"{csv_path}: no videos listed")
+    return VideoTextDataset(records)
