@@ -49,6 +49,22 @@ def functional_module(module: nn.Module) -> tuple[Tree, FunctionalModule]:
     Returns:
         ``(params, fn)``: ``params`` maps names of parameters with ``requires_grad=True`` to detached
         tensors; ``fn(params, *args, **kwargs)`` runs the module with them.
+
+    Examples:
+        >>> import torch
+        >>> import bilevel as bl
+        >>> model = torch.nn.Linear(3, 2)
+        >>> params, model_fn = bl.functional_module(model)
+        >>> {name: tuple(p.shape) for name, p in params.items()}
+        {'weight': (2, 3), 'bias': (2,)}
+        >>> x = torch.randn(4, 3)
+        >>> torch.equal(model_fn(params, x), model(x))
+        True
+        >>> zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+        >>> model_fn(zeros, x).abs().sum().item()  # evaluated with other values, the module is untouched
+        0.0
+        >>> params["weight"].data_ptr() == model.weight.data_ptr()  # shares storage: follows optimizer steps
+        True
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functional_module expects an nn.Module, got {type(module).__name__}")

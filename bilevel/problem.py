@@ -36,7 +36,22 @@ class BilevelProblem:
             ``hparams`` entirely (MELTR's case): its direct gradient is then exactly zero.
 
     Both functions must be written functionally (no in-place updates of their arguments and no
-    ``.item()`` on results that depend on them) because they are traced by :mod:`torch.func`.
+    ``.item()`` on results that depend on them) because they are differentiated twice.
+
+    Examples:
+        ``g = 1/2 ||w - lam||^2`` has ``w*(lam) = lam``, so for ``f = 1/2 ||w - t||^2`` the
+        hypergradient is ``lam - t`` (``H = I``, ``J = -I``, ``grad_w f = w* - t``):
+
+        >>> import torch
+        >>> import bilevel as bl
+        >>> g = lambda params, hparams, batch: 0.5 * ((params["w"] - hparams["lam"]) ** 2).sum()
+        >>> f = lambda params, hparams, target: 0.5 * ((params["w"] - target) ** 2).sum()
+        >>> problem = bl.BilevelProblem(inner=g, outer=f)
+        >>> hparams = {"lam": torch.tensor([1.0, 2.0])}
+        >>> params = {"w": hparams["lam"].clone()}  # the inner minimiser
+        >>> hg = bl.get_solver("aid-cg").hypergrad(problem, params, hparams, None, torch.tensor([0.5, 0.5]))
+        >>> hg["lam"]
+        tensor([0.5000, 1.5000])
     """
 
     inner: Objective

@@ -321,7 +321,8 @@ class BilevelTrainer:
         meta_optimizer: a ``torch.optim`` optimizer over ``meta_model``'s parameters.
         solver: a :class:`~bilevel.Solver` (e.g. ``bl.get_solver("aid-cg", iters=10)``) or None for the
             baselines (no hyper steps; ``meta_model`` may then be None).
-        scheduler / meta_scheduler: LR schedulers stepped after every inner update / hyper step.
+        scheduler: LR scheduler stepped after every inner update (or None).
+        meta_scheduler: LR scheduler stepped after every hyper step (or None).
         config: a :class:`TrainerConfig`.
         callbacks: :class:`Callback` instances.
         hvp_batches: for :class:`~bilevel.StocBiO`, the iterable of fresh inner batches; ``fit`` uses a
@@ -667,10 +668,13 @@ class BilevelTrainer:
                 ``DistributedSampler``) gets the epoch number before each pass.
             outer_loader: iterable of outer (meta) batches, cycled; one is drawn per hyper step only.
                 Required with a solver.
-            epochs, max_steps: stop at whichever comes first (counted from the run's start, so a
-                resumed run stops where the uninterrupted one would).
+            epochs: passes over ``inner_loader``; training stops at ``epochs`` or ``max_steps``,
+                whichever comes first (counted from the run's start, so a resumed run stops where the
+                uninterrupted one would).
+            max_steps: the maximum number of :meth:`step` calls in all (None: no limit).
             checkpoint_path: file for :meth:`save_checkpoint`, written every ``checkpoint_every``
                 steps (at the end of an accumulation window) and at the end.
+            checkpoint_every: steps between checkpoints (None: only at the end).
             resume: load ``checkpoint_path`` first when it exists.
             log_dir: write metrics (every ``log_every`` steps) to JSONL, CSV and TensorBoard (when
                 installed; ``tensorboard=True`` requires it, ``False`` disables it). Rank 0 only.

@@ -45,6 +45,17 @@ def get_solver(name: str, **options: Any) -> Solver:
     ``options`` are the solver's fields (e.g. ``get_solver("aid-cg", iters=20, tol=1e-10)``).
     Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown option, listing
     the valid ones.
+
+    Examples:
+        >>> import bilevel as bl
+        >>> bl.get_solver("aid-cg", iters=20, tol=1e-10)
+        AIDCG(iters=20, tol=1e-10, on_negative_curvature='warn', hvp='autograd')
+        >>> sorted(bl.SOLVERS)
+        ['aid-cg', 'aid-fp', 'aid-fp-lite', 'itd', 'stocbio']
+        >>> bl.get_solver("aid-cg", steps=5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        TypeError: solver 'aid-cg' has no option(s) ['steps']; valid options: ['iters', 'tol', ...]
     """
     try:
         cls = SOLVERS[name]

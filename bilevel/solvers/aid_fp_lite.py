@@ -22,6 +22,24 @@ class AIDFPLite(AIDSolver):
     Args:
         scale: the multiple of the identity that replaces ``H^{-1}``.
         hvp: HVP mode of the linearisation (only the mixed product is used here).
+
+    Examples:
+        >>> import torch
+        >>> import bilevel as bl
+        >>> from bilevel.testing import ridge_synthetic
+        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
+        >>> hparams = ref.hparams(-2.0)
+        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
+        >>> exact = ref.exact_hypergrad(hparams)["lam"]
+        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
+        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
+        >>> hg = bl.AIDFPLite().hypergrad(*args)
+        >>> cosine = torch.nn.functional.cosine_similarity(hg["lam"], exact, dim=0)
+        >>> bool(cosine > 0.5), bool((hg["lam"] - exact).norm() > 0.01 * exact.norm())  # a direction, biased
+        (True, True)
+        >>> same = bl.AIDFP(iters=0, alpha=1.0).hypergrad(*args)
+        >>> torch.allclose(hg["lam"], same["lam"])
+        True
     """
 
     scale: float = 1.0

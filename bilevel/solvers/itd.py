@@ -44,6 +44,27 @@ class ITD(Solver):
     rank mean is self-adjoint), and the final result is the rank mean of the local gradients. With
     equal shards this is the whole-batch ITD hypergradient on every rank; ``reduce`` must be the
     rank *mean* (linear and self-adjoint).
+
+    Examples:
+        Started at the inner minimiser, ITD with ``steps=T, lr=alpha`` equals AID-FP with
+        ``iters=T-1, alpha=alpha``:
+
+        >>> import torch
+        >>> import bilevel as bl
+        >>> from bilevel.testing import ridge_synthetic
+        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
+        >>> hparams = ref.hparams(-2.0)
+        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
+        >>> exact = ref.exact_hypergrad(hparams)["lam"]
+        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
+        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
+        >>> hg = bl.ITD(steps=30, lr=1 / L).hypergrad(*args)
+        >>> fp = bl.AIDFP(iters=29, alpha=1 / L).hypergrad(*args)
+        >>> torch.allclose(hg["lam"], fp["lam"], rtol=1e-8, atol=1e-12)
+        True
+        >>> adam = bl.ITD(steps=5, lr=0.1, optimizer="adam")  # differentiable Adam steps
+        >>> adam.hypergrad(*args)["lam"].shape
+        torch.Size([5])
     """
 
     steps: int = 10

@@ -23,10 +23,30 @@ class StocBiO(AIDSolver):
     result equals :class:`~bilevel.AIDFP` with the same options.
 
     Args:
-        iters, alpha, on_divergence, divergence_factor, hvp: as :class:`~bilevel.AIDFP`.
+        iters: number of HVPs (series terms after the first), as in :class:`~bilevel.AIDFP`.
+        alpha: step of the series; must be below ``2/L`` (``L`` the largest eigenvalue of ``H``).
+        on_divergence: ``"raise"`` (default), ``"warn"`` or ``"ignore"``, as in :class:`~bilevel.AIDFP`.
+        divergence_factor: growth of a term (relative to ``||grad_theta f||``) that counts as divergence.
+        hvp: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
         batches: an iterable of inner batches (e.g. a ``DataLoader``), re-iterated when exhausted,
             or an iterator (an error is raised when it runs out). May be assigned later
             (``solver.batches = loader``).
+
+    Examples:
+        >>> import torch
+        >>> import bilevel as bl
+        >>> from bilevel.testing import ridge_synthetic
+        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
+        >>> hparams = ref.hparams(-2.0)
+        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
+        >>> exact = ref.exact_hypergrad(hparams)["lam"]
+        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
+        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
+        >>> X, y = ref.inner_batch
+        >>> quarters = [(X[i::4], y[i::4]) for i in range(4)]  # each HVP on the next quarter, cycled
+        >>> hg, info = bl.StocBiO(iters=50, alpha=1 / L, batches=quarters).hypergrad(*args, return_info=True)
+        >>> info.n_hvp, bool((hg["lam"] - exact).norm() < exact.norm())
+        (50, True)
     """
 
     iters: int = 10
