@@ -1,0 +1,381 @@
+"""MELTR's optimisation-efficiency table (paper Table 8) on the offline digit clips.
+
+    python -m benchmarks.efficiency [--full] [--seeds 2] [--epochs 3] [--K 3] [--iters 3]
+                                    [--data msrvtt --features PKL --csv CSV [--json JSON]]
+
+Fine-tunes the SAME pretrained backbone on text-to-video retrieval with MTL (the baseline row) and
+MELTR with each hypergradient solver (ITD one-step look-ahead, StocBiO, AID-CG, AID-FP (Neumann),
+AID-FP-Lite): same MELTR initialisation, data order, epochs and K (one hyper step every K inner
+steps). All runs are built by :class:`examples.meltr_video.finetune.FinetuneRun` (one place) and
+trained by :class:`bilevel.BilevelTrainer`.
+
+Timing: all rows live in one process and their epochs are INTERLEAVED (round robin, one epoch per
+row, the starting row rotating each epoch), so machine drift hits all rows alike. Time per epoch =
+median over all epochs and seeds of the training wall time (evaluation excluded); overhead = that
+median over MTL's, minus 1. R@1 etc. are test metrics of the val-selected epoch, mean and std over
+seeds.
+
+Default: the "quick" pretraining (cached in ``runs/pretrain_quick.pt``, ~2-3 min the first time),
+2 seeds x 3 epochs on 160 training clips; ``--full`` uses the 12-epoch pretraining
+(``runs/pretrain_tiny.pt``), 3 seeds x 5 epochs on 320 clips. Writes the ``table8`` section of
+docs/results.md and docs/img/table8_r1_vs_overhead.png (``--no-write`` to skip); hand-written text after
+a ``<!-- notes -->`` line in that section survives a re-run. ``--profile`` prints torch.profiler tables
+of one step per row instead.
+
+Real data (``--data msrvtt``): the MSRVTT-format features / CSV (read by
+:func:`examples.meltr_video.data.load_msrvtt`) are split by video into the four splits; the backbone is
+still the digit-pretrained one and its word vocabulary (words outside it become ``[UNK]``), so this
+checks the pipeline and the timings on real feature shapes, not MSRVTT accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from examples.meltr_video.data import DigitSplits, VideoTextDataset, load_msrvtt, make_digit_clips
+from examples.meltr_video.finetune import FinetuneConfig, FinetuneRun
+
+BEGIN, END = "<!-- BEGIN table8 -->", "<!-- END table8 -->"
+NOTES = "<!-- notes -->"
+ROOT = Path(__file__).resolve().parent.parent
+
+# (row label, method, solver)
+ROWS: list[tuple[str, str, str]] = [
+    ("MTL", "mtl", "aid-fp-lite"),
+    ("MELTR + ITD (1-step look-ahead)", "meltr", "itd"),
+    ("MELTR + StocBiO", "meltr", "stocbio"),
+    ("MELTR + AID-CG", "meltr", "aid-cg"),
+    ("MELTR + AID-FP (Neumann)", "meltr", "aid-fp"),
+    ("MELTR + AID-FP-Lite", "meltr", "aid-fp-lite"),
+]
+# Paper Table 8 (UniVL on YouCook2 text-to-video retrieval): R@1, seconds per epoch, overhead %.
+PAPER = {
+    "mtl": (26.1, 547, 0.0),
+    "itd": (27.3, 1296, 136.9),
+    "stocbio": (26.8, 686, 25.4),
+    "aid-cg": (28.0, 624, 14.1),
+    "aid-fp": (27.9, 638, 16.6),
+    "aid-fp-lite": (28.5, 574, 4.9),
+}
+DEFAULT = {"seeds": 2, "epochs": 3, "train": 160, "meta": 96, "val": 100, "test": 200, "preset": "quick"}
+FULL = {"seeds": 3, "epochs": 5, "train": 320, "meta": 96, "val": 200, "test": 300, "preset": "full"}
+TINY = {"seeds": 1, "epochs": 1, "train": 16, "meta": 8, "val": 8, "test": 8, "preset": None}
+
+
+def profile(pre: tuple[Any, Any, Any], data: DigitSplits, sizes: dict[str, int], iters: int, top: int = 12) -> str:
+    """torch.profiler tables (CPU self time) of one MTL inner step and one hyper step per MELTR solver.
+
+    Returns a markdown-ready text block: for each, the wall time and the ``top`` ops by self CPU time.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    blocks = []
+    for _, method, solver in ROWS:
+        cfg = FinetuneConfig(method=method, solver=solver, iters=iters, sizes=sizes, epochs=1, progress=False)
+        run = FinetuneRun(cfg, data, pre)
+        tr = run.trainer
+        batch = next(iter(run.loader))
+        meta = next(iter(run.meta_loader)) if run.meta_loader is not None else None
+        if method == "mtl":
+            tr.step(batch)  # warm-up
+
+            def work(tr: Any = tr, batch: Any = batch) -> None:
+                tr.step(batch)
+        else:
+            solver_obj = tr.solver
+            if solver == "stocbio":
+                solver_obj.batches = iter(run.hvp_loader)  # type: ignore[union-attr]
+            solver_obj.hypergrad(tr.problem, tr.params, tr.hparams, batch, meta)  # warm-up
+
+            def work(tr: Any = tr, s: Any = solver_obj, batch: Any = batch, meta: Any = meta) -> None:
+                s.hypergrad(tr.problem, tr.params, tr.hparams, batch, meta)
+
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            work()
+            wall = time.perf_counter() - t
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40)
+        what = "one MTL inner step" if method == "mtl" else f"one {solver} hyper step"
+        blocks.append(f"#### {what}: {1000 * wall:.0f} ms under the profiler\n\n```\n{table.strip()}\n```")
+    return "\n\n".join(blocks)
+
+
+def _key(method: str, solver: str) -> str:
+    return "mtl" if method == "mtl" else solver
+
+
+def _real_splits(
+    features: str, csv: str, json_path: str | None, tokenizer: Any, sizes: dict[str, int], seed: int
+) -> DigitSplits:
+    """Split one MSRVTT-format data set by video (seeded shuffle) into train / meta / val / test with ``sizes``
+    videos each (all captions of a video go to its split); raises ValueError when there are too few videos."""
+    ds = load_msrvtt(features, csv, json_path)
+    vids = sorted({r.video_id for r in ds.records})
+    perm = torch.randperm(len(vids), generator=torch.Generator().manual_seed(seed)).tolist()
+    splits: dict[str, VideoTextDataset] = {}
+    start = 0
+    for name in ("train", "meta", "val", "test"):
+        chosen = {vids[i] for i in perm[start : start + sizes[name]]}
+        start += sizes[name]
+        recs = [r for r in ds.records if r.video_id in chosen]
+        if len(chosen) < sizes[name] or len(recs) < 2:
+            raise ValueError(f"{csv}: only {len(vids)} videos, too few for the {name!r} split ({sizes})")
+        splits[name] = VideoTextDataset(recs)
+    return DigitSplits(splits, tokenizer)
+
+
+def run_table(
+    seeds: int,
+    epochs: int,
+    K: int,
+    iters: int,
+    sizes: dict[str, int],
+    pretrained: tuple[Any, Any, Any],
+    data: DigitSplits | None = None,
+    progress: bool = True,
+    rows: list[tuple[str, str, str]] | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Run every row for ``seeds`` seeds, epochs interleaved; returns per-row aggregates and raw results."""
+    rows = ROWS if rows is None else rows
+    data = data if data is not None else make_digit_clips(0, sizes=sizes)
+    raw: dict[str, list[dict[str, Any]]] = {_key(m, s): [] for _, m, s in rows}
+    bar = tqdm(total=seeds * epochs * len(rows), desc="table 8 (row-epochs)", disable=not progress)
+    for seed in range(seeds):
+        runs = {}
+        for _, method, solver in rows:
+            cfg = FinetuneConfig(
+                task="retrieval", method=method, solver=solver, seed=seed, epochs=epochs, K=K, iters=iters,
+                sizes=sizes, batch_size=batch_size, progress=False,
+            )  # fmt: skip
+            runs[_key(method, solver)] = FinetuneRun(cfg, data, pretrained)
+        keys = list(runs)
+        for ep in range(epochs):
+            shift = (seed * epochs + ep) % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                rec = runs[k].run_epoch()
+                bar.update(1)
+                bar.set_postfix(row=k, s=f"{rec['train_seconds']:.1f}", R1=f"{rec['val']['R@1']:.1f}")
+        for k, run in runs.items():
+            raw[k].append(run.finish())
+    bar.close()
+    return {"rows": summarise(raw, rows), "raw": raw}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Per row: test R@1/R@5/MedR mean and std, median epoch seconds, overhead vs MTL, hyper-step breakdown."""
+    med = {k: statistics.median([t for r in rs for t in r["epoch_seconds"]]) for k, rs in raw.items()}
+    base = med.get("mtl")
+    out = []
+    for label, method, solver in rows:
+        k = _key(method, solver)
+        rs = raw[k]
+        row: dict[str, Any] = {"label": label, "key": k, "seconds_per_epoch": med[k]}
+        for metric in ("R@1", "R@5", "MedR"):
+            row[metric] = _mean_std([r["test"][metric] for r in rs])
+        row["val_R@1"] = _mean_std([r["best_val"]["R@1"] for r in rs])
+        row["overhead_pct"] = 100.0 * (med[k] / base - 1.0) if base else math.nan
+        eps = [e for r in rs for e in r["epochs"]]
+        hyper = sum(e.get("hyper_steps", 0) for e in eps)
+        steps = sum(r["epochs"][-1]["inner_updates"] for r in rs)
+        row["hyper_steps"] = hyper
+        row["inner_updates"] = steps
+        row["negative_curvature"] = sum(e.get("negative_curvature", 0) for e in eps)
+        row["diverged"] = sum(e.get("diverged", 0) for e in eps)
+        stages: dict[str, float] = {}
+        for e in eps:
+            for s, v in (e.get("hyper_seconds") or {}).items():
+                stages[s] = stages.get(s, 0.0) + v
+        row["ms_per_hyper_step"] = {s: 1000 * v / hyper for s, v in stages.items()} if hyper else {}
+        row["paper"] = PAPER[k]
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str:
+    """The table in the paper's layout with the paper's numbers beside ours, and the hyper-step breakdown."""
+    lines = [
+        f"Command: `{cmd}`",
+        "",
+        f"Setting: {meta['setting']}",
+        "",
+        "| Method | R@1 (ours) | R@5 | MedR | s / epoch (ours) | overhead (ours) "
+        "| R@1 (paper) | s / epoch (paper) | overhead (paper) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        p = r["paper"]
+        lines.append(
+            f"| {r['label']} | {r['R@1'][0]:.1f} ± {r['R@1'][1]:.1f} | {r['R@5'][0]:.1f} ± {r['R@5'][1]:.1f} "
+            f"| {r['MedR'][0]:.1f} ± {r['MedR'][1]:.1f} | {r['seconds_per_epoch']:.2f} | {r['overhead_pct']:+.1f} % "
+            f"| {p[0]:.1f} | {p[1]} | {p[2]:+.1f} % |"
+        )
+    lines += [
+        "",
+        "Hyper-step cost (ms per hyper step, summed over stages of `HypergradInfo.times`; inner step = "
+        f"{meta['ms_inner']:.0f} ms, i.e. MTL's epoch time / steps):",
+        "",
+        "| Method | hyper steps | grad_outer | linearize | solve | mixed | ITD unroll+backward | total "
+        "| total / inner step | neg. curvature | diverged |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows[1:]:
+        t = r["ms_per_hyper_step"]
+        cols = [
+            f"{t[s]:.0f}" if s in t else "-"
+            for s in ("grad_outer", "linearize", "solve", "mixed", "unroll_and_backward")
+        ]
+        tot = t.get("total", math.nan)
+        lines.append(
+            f"| {r['label']} | {r['hyper_steps']} | {' | '.join(cols)} | {tot:.0f} | {tot / meta['ms_inner']:.2f} "
+            f"| {r['negative_curvature']} | {r['diverged']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """R@1 (mean ± std) against overhead %, ours and the paper's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, r in enumerate(rows):
+        color = f"C{i}"
+        axes[0].errorbar(r["overhead_pct"], r["R@1"][0], yerr=r["R@1"][1], fmt="o", capsize=3, color=color)
+        xy = (r["overhead_pct"], r["R@1"][0])
+        axes[0].annotate(r["key"], xy, textcoords="offset points", xytext=(5, 12 - 9 * (i % 3)), color=color)
+        axes[1].plot(r["paper"][2], r["paper"][0], "o", color=color)
+        axes[1].annotate(r["key"], (r["paper"][2], r["paper"][0]), textcoords="offset points", xytext=(4, 4))
+    axes[0].set(title="ours (digit clips, tiny UniVL, CPU)", xlabel="time overhead vs MTL (%)", ylabel="test R@1 (%)")
+    axes[1].set(title="paper Table 8 (YouCook2, UniVL)", xlabel="time overhead vs MTL (%)", ylabel="R@1 (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the text between the table8 markers of ``path`` (appended at the end when missing); text after
+    a ``<!-- notes -->`` line inside the section is kept."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
+    block = f"{BEGIN}\n## Optimisation efficiency (paper Table 8; `benchmarks/efficiency.py`)\n\n{text}\n{END}"
+    if BEGIN in old and END in old:
+        section = old[old.index(BEGIN) : old.index(END)]
+        if NOTES in section:  # hand-written analysis below the NOTES marker survives a re-run
+            block = block[: -len(END)] + "\n" + section[section.index(NOTES) :].rstrip("\n") + "\n" + END
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--full", action="store_true", help="longer pretraining, 3 seeds x 5 epochs on 320 clips")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (random backbone, tiny splits)")
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--K", type=int, default=3, help="one hyper step every K inner steps (paper: 3)")
+    p.add_argument("--iters", type=int, default=3, help="HVPs per hyper step of AID-CG / AID-FP / StocBiO")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--pretrained", default=None, help="backbone checkpoint (default: by preset)")
+    p.add_argument("--data", choices=["digits", "msrvtt"], default="digits")
+    p.add_argument("--features", help="MSRVTT features pickle (--data msrvtt)")
+    p.add_argument("--csv", help="MSRVTT CSV with video_id (and sentence) columns (--data msrvtt)")
+    p.add_argument("--json", help="MSRVTT_data.json when the CSV has no sentence column")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--results", default=None, help="markdown file to update (default docs/results.md)")
+    p.add_argument("--out-json", default=None, help="also write all raw results here")
+    p.add_argument("--no-write", action="store_true", help="print only (no docs/results.md, no PNG)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step per row, then exit")
+    a = p.parse_args(argv)
+    if a.data == "msrvtt" and not (a.features and a.csv):
+        p.error("--data msrvtt needs --features and --csv")
+    torch.set_num_threads(a.threads)
+    mode = TINY if a.tiny else FULL if a.full else DEFAULT
+    seeds = a.seeds or mode["seeds"]
+    epochs = a.epochs or mode["epochs"]
+    sizes = {k: mode[k] for k in ("train", "meta", "val", "test")}
+    if a.train_size:
+        sizes["train"] = a.train_size
+    batch = 4 if a.tiny else 16
+    progress = not a.no_progress
+    t0 = time.perf_counter()
+
+    from examples.meltr_video.data import Tokenizer
+    from examples.meltr_video.pretrain import ensure_pretrained, load_pretrained
+    from examples.meltr_video.univl import UniVL, UniVLConfig
+
+    if a.tiny:
+        tok = Tokenizer.for_digits()
+        torch.manual_seed(0)
+        ucfg = UniVLConfig.tiny(len(tok), hidden=16, heads=2, ff=32, text_layers=1, video_layers=1)
+        pre = (UniVL(ucfg, tok.cls_id, tok.sep_id, tok.bos_id, tok.eos_id).state_dict(), ucfg, tok)
+        pre_note = "random tiny backbone (smoke mode)"
+    else:
+        path = a.pretrained or f"runs/pretrain_{'tiny' if mode['preset'] == 'full' else mode['preset']}.pt"
+        if a.pretrained is None:
+            ensure_pretrained(path, mode["preset"], progress=progress)
+        model, tok, pmeta = load_pretrained(path)
+        pre = (model.state_dict(), model.cfg, tok)
+        pre_note = f"`{path}` (val R@1 {pmeta['val_after']['R@1']:.1f} %, {pmeta['train_seconds']:.0f} s pretraining)"
+    t_pre = time.perf_counter() - t0
+    data = (
+        _real_splits(a.features, a.csv, a.json, pre[2], sizes, 0)
+        if a.data == "msrvtt"
+        else make_digit_clips(0, sizes=sizes)
+    )
+    if a.profile:
+        text = profile(pre, data, sizes, a.iters)
+        print(text)
+        return {"profile": text}
+    res = run_table(seeds, epochs, a.K, a.iters, sizes, pre, data, progress, batch_size=batch)
+    rows = res["rows"]
+    mtl = rows[0]
+    steps_per_epoch = mtl["inner_updates"] / (seeds * epochs)
+    meta = {
+        "setting": (
+            f"{a.data} data (train {sizes['train']} / meta {sizes['meta']} / val {sizes['val']} / test "
+            f"{sizes['test']} clips), batch {batch}, backbone {pre_note}, {seeds} seed(s) x {epochs} epoch(s), "
+            f"K={a.K}, {a.iters} HVPs for AID-CG/AID-FP/StocBiO, torch {torch.__version__} on CPU with "
+            f"{torch.get_num_threads()} thread(s); pretraining/loading {t_pre:.0f} s, total "
+            f"{time.perf_counter() - t0:.0f} s."
+        ),
+        "ms_inner": 1000 * mtl["seconds_per_epoch"] / steps_per_epoch,
+    }
+    cmd = "python -m benchmarks.efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(rows, cmd.strip(), meta)
+    print(text)
+    if not a.no_write:
+        write_section(Path(a.results) if a.results else ROOT / "docs" / "results.md", text + "\n\n" + _png_ref())
+        plot(rows, ROOT / "docs" / "img" / "table8_r1_vs_overhead.png")
+    if a.out_json:
+        Path(a.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out_json).write_text(json.dumps({"meta": meta, **res}, indent=1, default=str))
+    return {"meta": meta, **res}
+
+
+def _png_ref() -> str:
+    return "![R@1 vs overhead](img/table8_r1_vs_overhead.png)"
+
+
+if __name__ == "__main__":
+    main()

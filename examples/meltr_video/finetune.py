@@ -1,0 +1,588 @@
+"""Fine-tune the pretrained UniVL-style backbone with a single task, MTL or MELTR (any solver).
+
+    python -m examples.meltr_video.finetune --task retrieval --method meltr --solver aid-fp-lite \
+        [--seed 0 --epochs 3 --K 3 --gamma 0.1 --meta-batch heldout|last10 \
+         --pretrained runs/pretrain_tiny.pt --out runs/finetune/NAME --resume]
+
+Methods (all trained by :class:`bilevel.BilevelTrainer`, same optimizer, data order and epochs):
+
+    single:  theta <- Adam(theta, grad_theta L_primary)                            (no hyper step)
+    mtl:     theta <- Adam(theta, grad_theta sum_t L_t)                            (no hyper step)
+    meltr:   theta <- Adam(theta, grad_theta g),  g = MELTR_phi(L_1..L_T)          every step
+             phi   <- Adam(phi, hypergradient of f = L_primary + gamma |sum_t L_t - g|)
+                                                                                   every K-th step
+
+Data: the offline digit clips (:func:`~examples.meltr_video.data.make_digit_clips`). Splits:
+``train`` (fine-tuning), ``meta`` (MELTR's outer batches: a held-out split of clips drawn from
+the same handwriting pool as ``train`` but disjoint from it; never val or test), ``val`` (model
+selection: the epoch with the best val score is the one tested), ``test`` (reported once, at the
+end, for the val-selected epoch). ``--meta-batch last10`` reproduces the official code's choice
+instead (a random one of the last 10 training batches; MATH.md section 7).
+
+Hypergradient solvers (``--solver``; ``alpha`` is the common step/scale, ``iters`` the HVP count):
+``aid-fp-lite`` (scale=alpha), ``aid-cg`` (iters), ``aid-fp`` (Neumann, iters, alpha), ``itd``
+(Meta-Weight-Net style one-step look-ahead: steps=1, lr=alpha), ``stocbio`` (iters, alpha, each HVP
+on a fresh training batch).
+
+Output (``--out DIR``): ``DIR/results.json`` (config, per-epoch metrics and seconds, final test
+metrics, solver statistics, MELTR analysis), ``DIR/ckpt.pt`` (trainer checkpoint: resume with
+``--resume``), ``DIR/best.pt`` (the val-selected backbone, plus MELTR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import bilevel as bl
+
+from .data import Collate, DigitSplits, Tokenizer, make_digit_clips
+from .evaluate import caption_eval, retrieval_eval
+from .meltr import MELTR, MELTRObjectives, loss_gradient, response_curve
+from .univl import LOSS_NAMES, PRIMARY, UniVL
+
+__all__ = [
+    "METHODS",
+    "SOLVERS",
+    "FinetuneConfig",
+    "FinetuneRun",
+    "finetune",
+    "main",
+    "make_solver",
+]
+
+METHODS = ("single", "mtl", "meltr")
+SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
+META_BATCH = ("heldout", "last10")
+_GENS = ("train_order", "train_masks", "meta_order", "meta_masks", "hvp_order", "hvp_masks")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run (all saved in the results JSON).
+
+    Attributes:
+        task: ``"retrieval"`` (primary loss ``alignment``) or ``"captioning"`` (``decoder``).
+        method: ``"single"``, ``"mtl"`` or ``"meltr"``.
+        solver: hypergradient solver of MELTR (ignored by the baselines).
+        K: one hyper step every K inner steps (``TrainerConfig.hyper_every``).
+        gamma: weight of MELTR's regulariser ``|sum_t L_t - L_aux|`` in ``f``.
+        meta_batch: ``"heldout"`` (the ``meta`` split) or ``"last10"`` (official code).
+        iters, alpha: solver options (see the module docstring).
+        lr: backbone Adam learning rate; meta_lr / meta_weight_decay / meta_clip: MELTR's Adam and
+            hypergradient clipping (official code: 1e-3, 3e-5, 50).
+        sizes: clips in the train / meta / val / test splits of the digit data (``data_seed``).
+    """
+
+    task: str = "retrieval"
+    method: str = "meltr"
+    solver: str = "aid-fp-lite"
+    seed: int = 0
+    epochs: int = 3
+    K: int = 3
+    gamma: float = 0.1
+    meta_batch: str = "heldout"
+    pretrained: str = "runs/pretrain_tiny.pt"
+    out: str | None = None
+    resume: bool = False
+    batch_size: int = 16
+    lr: float = 1e-4
+    meta_lr: float = 1e-3
+    meta_weight_decay: float = 3e-5
+    meta_clip: float = 50.0
+    iters: int = 3
+    alpha: float = 0.01
+    data_seed: int = 0
+    sizes: dict[str, int] = field(default_factory=lambda: {"train": 160, "meta": 96, "val": 200, "test": 300})
+    max_words: int = 20
+    eval_test: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in PRIMARY:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {list(PRIMARY)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
+        if self.meta_batch not in META_BATCH:
+            raise ValueError(f"unknown meta batch source {self.meta_batch!r}; choose one of {META_BATCH}")
+        for name in ("epochs", "K", "batch_size", "iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iters" else 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("lr", "meta_lr", "alpha", "meta_clip"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
+        for split in ("train", "val", "test") + (("meta",) if self.method == "meltr" else ()):
+            n = self.sizes.get(split, 0)
+            if split in ("train", "meta") and n < self.batch_size:
+                raise ValueError(f"split {split!r} has {n} clips, fewer than one batch ({self.batch_size})")
+            if n < 2:
+                raise ValueError(f"split {split!r} needs at least 2 clips, got {n}")
+
+    @property
+    def primary(self) -> str:
+        return PRIMARY[self.task]
+
+    @property
+    def name(self) -> str:
+        """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite``."""
+        return f"meltr-{self.solver}" if self.method == "meltr" else self.method
+
+
+def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
+    """The MELTR solver ``name`` with the common options (see the module docstring).
+
+    Non-convexity of the fine-tuning problem is expected (the backbone is not at an inner minimum):
+    negative curvature in CG and Neumann divergence are counted in the run's statistics, not raised.
+    """
+    if name == "aid-fp-lite":
+        return bl.get_solver(name, scale=alpha)
+    if name == "aid-cg":
+        return bl.get_solver(name, iters=iters, on_negative_curvature="ignore")
+    if name == "aid-fp":
+        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
+    if name == "itd":
+        return bl.get_solver(name, steps=1, lr=alpha)
+    if name == "stocbio":
+        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
+    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
+
+
+class _RecentTrain:
+    """The official meta batch: a uniformly random one of the last ``history`` training batches
+    (drawn with ``generator``). Endless; :meth:`observe` is fed by :class:`_Observed`."""
+
+    def __init__(self, generator: torch.Generator, history: int = 10):
+        self.recent: deque[Any] = deque(maxlen=history)
+        self.generator = generator
+
+    def observe(self, batch: Any) -> None:
+        self.recent.append(batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            if not self.recent:
+                raise RuntimeError("no training batch observed before the first meta batch")
+            yield self.recent[int(torch.randint(len(self.recent), (1,), generator=self.generator))]
+
+
+class _Observed:
+    """A training loader that shows every batch it yields to a :class:`_RecentTrain`."""
+
+    def __init__(self, loader: Any, sink: _RecentTrain):
+        self.loader, self.sink = loader, sink
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.loader:
+            self.sink.observe(b)
+            yield b
+
+
+class _SolverStats(bl.Callback):
+    """Per-epoch sums over hyper steps: count, seconds by stage, HVPs, CG negative curvature, divergence."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats: dict[str, Any] = {"hyper_steps": 0, "n_hvp": 0, "negative_curvature": 0, "diverged": 0}
+        self.times: dict[str, float] = {}
+        self.inner_losses: list[float] = []
+        self.outer_losses: list[float] = []
+
+    def on_step_end(self, trainer: bl.BilevelTrainer, metrics: dict[str, Any]) -> None:
+        self.inner_losses.append(float(metrics["inner_loss"]))
+        info = metrics.get("hypergrad_info")
+        if info is None:
+            return
+        self.outer_losses.append(float(metrics["outer_loss"]))
+        s = self.stats
+        s["hyper_steps"] += 1
+        s["n_hvp"] += int(info.n_hvp)
+        s["negative_curvature"] += int(bool(info.negative_curvature))
+        s["diverged"] += int(bool(info.diverged))
+        for k, v in info.times.items():
+            self.times[k] = self.times.get(k, 0.0) + float(v)
+
+    def summary(self) -> dict[str, Any]:
+        out = dict(self.stats)
+        out["hyper_seconds"] = self.times
+        out["inner_loss_mean"] = statistics.fmean(self.inner_losses) if self.inner_losses else None
+        out["outer_loss_mean"] = statistics.fmean(self.outer_losses) if self.outer_losses else None
+        return out
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _score(task: str, m: Mapping[str, float]) -> tuple[float, ...]:
+    """Val model-selection key (larger is better): R@1, R@5, -MedR for retrieval; CIDEr, BLEU-4 for captioning."""
+    if task == "retrieval":
+        return (m["R@1"], m["R@5"], -m["MedR"])
+    return (m["CIDEr"], m["BLEU-4"])
+
+
+class FinetuneRun:
+    """One fine-tuning run, epoch by epoch (:func:`finetune` runs it to the end; the efficiency
+    benchmark interleaves the epochs of several runs).
+
+    Args:
+        cfg: the settings.
+        data: digit splits to reuse (else built from ``cfg.data_seed`` and ``cfg.sizes``).
+        pretrained: ``(backbone_state_dict, UniVLConfig, Tokenizer)`` to reuse (else read from
+            ``cfg.pretrained``).
+
+    Attributes: ``trainer`` (the :class:`bilevel.BilevelTrainer`), ``backbone``, ``meltr`` (None for the
+    baselines), ``history`` (a dict per finished epoch), ``best`` (val-selected epoch, 1-based).
+    """
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        data: DigitSplits | None = None,
+        pretrained: tuple[Mapping[str, Tensor], Any, Tokenizer] | None = None,
+    ):
+        self.cfg = cfg
+        if pretrained is None:
+            from .pretrain import load_pretrained
+
+            if not Path(cfg.pretrained).exists():
+                raise FileNotFoundError(
+                    f"pretrained backbone {cfg.pretrained} not found: run "
+                    f"`python -m examples.meltr_video.pretrain --out {cfg.pretrained}` first"
+                )
+            model, tok, _ = load_pretrained(cfg.pretrained)
+            state, ucfg = model.state_dict(), model.cfg
+        else:
+            state, ucfg, tok = pretrained
+        self.tok = tok
+        self.data = data if data is not None else make_digit_clips(cfg.data_seed, sizes=cfg.sizes)
+        for split in ("train", "val", "test") + (("meta",) if cfg.method == "meltr" else ()):
+            if split not in self.data.splits:
+                raise KeyError(f"the data has no {split!r} split (has {list(self.data.splits)})")
+        torch.manual_seed(cfg.seed)
+        self.backbone = UniVL(ucfg, tok.cls_id, tok.sep_id, tok.bos_id, tok.eos_id)
+        self.backbone.load_state_dict(state)
+        self.meltr = MELTR(LOSS_NAMES) if cfg.method == "meltr" else None
+        self.obj = MELTRObjectives(self.backbone, self.meltr or MELTR(LOSS_NAMES), cfg.primary, cfg.gamma)
+        # Every source of randomness in the data has its own generator, seeded from cfg.seed, so that all
+        # methods see the same training batches in the same order (hyper steps draw from their own
+        # generators) and a resumed run continues the generators saved at the end of its last epoch.
+        self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(_GENS)}
+        collate = Collate(tok, max_words=cfg.max_words)
+        collate.gen = self.gens["train_masks"]
+
+        def make_loader(split: str, order: str, masks: str) -> torch.utils.data.DataLoader:
+            c = Collate(tok, max_words=cfg.max_words)
+            c.gen = self.gens[masks]
+            return torch.utils.data.DataLoader(
+                self.data[split], batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=c,
+                generator=self.gens[order],
+            )  # fmt: skip
+
+        loader: Any = make_loader("train", "train_order", "train_masks")
+        self.meta_loader: Any = None
+        self.hvp_loader: Any = None
+        if cfg.method == "meltr":
+            if cfg.meta_batch == "heldout":
+                self.meta_loader = make_loader("meta", "meta_order", "meta_masks")
+            else:
+                recent = _RecentTrain(self.gens["meta_order"], 10)
+                loader, self.meta_loader = _Observed(loader, recent), recent
+            if cfg.solver == "stocbio":
+                self.hvp_loader = make_loader("train", "hvp_order", "hvp_masks")
+        self.loader = loader
+        self.trainer = self._trainer()
+        self.stats = _SolverStats()
+        self.trainer.callbacks.append(self.stats)
+        self.history: list[dict[str, Any]] = []
+        self.best: int | None = None
+        self.best_state: dict[str, Tensor] | None = None
+        self.test: dict[str, float] | None = None
+        self._fixed_batch = Collate(tok, max_words=cfg.max_words, seed=12345)(
+            [self.data["val"][i] for i in range(min(len(self.data["val"]), 32))]
+        )
+        self.out = Path(cfg.out) if cfg.out else None
+        if self.out is not None and cfg.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ building
+    def _trainer(self) -> bl.BilevelTrainer:
+        """The one place that turns (method, solver) into a :class:`bilevel.BilevelTrainer`."""
+        cfg, obj = self.cfg, self.obj
+        opt = torch.optim.Adam(self.backbone.parameters(), lr=cfg.lr)
+        tcfg = bl.TrainerConfig(hyper_every=cfg.K, meta_clip_grad_norm=cfg.meta_clip)
+        if cfg.method == "single":
+            primary = cfg.primary
+            inner = bl.single_task_objective(lambda p, b: obj.backbone_fn(p, b, losses=(primary,))[primary])
+            return bl.BilevelTrainer(self.backbone, opt, inner, config=tcfg)
+        if cfg.method == "mtl":
+            return bl.BilevelTrainer(self.backbone, opt, bl.mtl_objective(obj.losses), config=tcfg)
+        assert self.meltr is not None
+        meta_opt = torch.optim.Adam(self.meltr.parameters(), lr=cfg.meta_lr, weight_decay=cfg.meta_weight_decay)
+        return bl.BilevelTrainer(
+            self.backbone,
+            opt,
+            obj.inner,
+            outer=obj.outer,
+            meta_model=self.meltr,
+            meta_optimizer=meta_opt,
+            solver=make_solver(cfg.solver, cfg.iters, cfg.alpha),
+            config=tcfg,
+            hvp_batches=self.hvp_loader,
+        )
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def epoch(self) -> int:
+        """Finished epochs."""
+        return self.trainer.epoch
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.epoch >= self.cfg.epochs
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the backbone on ``split`` (retrieval: R@k, MedR; captioning: BLEU, ROUGE-L, CIDEr[, METEOR])."""
+        ds = self.data[split]
+        if self.cfg.task == "retrieval":
+            return retrieval_eval(self.backbone, ds, self.tok, max_words=self.cfg.max_words)
+        try:
+            m, _ = caption_eval(self.backbone, ds, self.tok, max_len=self.cfg.max_words, with_meteor=True)
+        except RuntimeError:  # METEOR needs pycocoevalcap and Java
+            m, _ = caption_eval(self.backbone, ds, self.tok, max_len=self.cfg.max_words, with_meteor=False)
+        return dict(m)
+
+    @torch.no_grad()
+    def _meltr_weights(self) -> dict[str, Any] | None:
+        """``d L_aux / d L_t`` at the loss vector of a fixed val batch (paper Fig. 4)."""
+        if self.meltr is None:
+            return None
+        lv = self.obj.losses(self.obj.params, self._fixed_batch).detach()
+        with torch.enable_grad():
+            w = loss_gradient(self.meltr, lv)
+        return {
+            "losses": dict(zip(LOSS_NAMES, lv.tolist(), strict=True)),
+            "weights": dict(zip(LOSS_NAMES, w.tolist(), strict=True)),
+        }
+
+    def run_epoch(self) -> dict[str, Any]:
+        """Train one epoch, evaluate on val, keep the best-val backbone; returns the epoch's record."""
+        if self.done:
+            raise RuntimeError(f"all {self.cfg.epochs} epochs are done")
+        cfg = self.cfg
+        self.stats.reset()
+        ckpt = self.out / "ckpt.pt" if self.out is not None else None
+        t0 = time.perf_counter()
+        self.trainer.fit(
+            self.loader, self.meta_loader, epochs=self.trainer.epoch + 1, checkpoint_path=ckpt, progress=cfg.progress
+        )
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        val = self.evaluate("val")
+        rec = {
+            "epoch": self.trainer.epoch,
+            "train_seconds": train_s,
+            "inner_updates": self.trainer.inner_updates,
+            **self.stats.summary(),
+            "val": val,
+            "meltr": self._meltr_weights(),
+        }
+        rec["eval_seconds"] = time.perf_counter() - t1
+        self.history.append(rec)
+        if self.best is None or _score(cfg.task, val) > _score(cfg.task, self.history[self.best - 1]["val"]):
+            self.best = rec["epoch"]
+            self.best_state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+            if self.out is not None:
+                state = {"backbone": self.best_state, "epoch": self.best}
+                _atomic_write(self.out / "best.pt", lambda p: torch.save(state, p))
+        if self.out is not None:
+            gens = {"epoch": self.trainer.epoch, **{k: g.get_state() for k, g in self.gens.items()}}
+            _atomic_write(self.out / "data_rng.pt", lambda p: torch.save(gens, p))
+        self._save()
+        return rec
+
+    def finish(self) -> dict[str, Any]:
+        """Test the val-selected backbone (once), add MELTR's response curves; returns the results dict."""
+        if self.cfg.eval_test and self.test is None:
+            assert self.best_state is not None, "no epoch was run"
+            current = {k: v.clone() for k, v in self.backbone.state_dict().items()}
+            self.backbone.load_state_dict(self.best_state)
+            self.test = self.evaluate("test")
+            self.backbone.load_state_dict(current)
+        res = self.results()
+        if self.meltr is not None:
+            res["response"] = self.response()
+        if self.out is not None:
+            _atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+            _atomic_write(self.out / "meltr.pt", lambda p: torch.save(self.meltr.state_dict() if self.meltr else {}, p))
+        return res
+
+    @torch.no_grad()
+    def response(self, n: int = 41, span: float = 1.0) -> dict[str, Any]:
+        """MELTR's output as each input loss ``L_t`` sweeps ``[max(0, L_t - span*L_t), L_t + span*L_t]``
+        (``n`` points) with the others at the fixed val batch's losses (paper Fig. 3)."""
+        assert self.meltr is not None
+        lv = self.obj.losses(self.obj.params, self._fixed_batch).detach()
+        out: dict[str, Any] = {"base": dict(zip(LOSS_NAMES, lv.tolist(), strict=True)), "curves": {}}
+        for i, name in enumerate(LOSS_NAMES):
+            x = torch.linspace(max(0.0, float(lv[i]) * (1 - span)), float(lv[i]) * (1 + span), n)
+            y = response_curve(self.meltr, lv, name, x)
+            out["curves"][name] = {"x": x.tolist(), "y": y.tolist()}
+        return out
+
+    def results(self) -> dict[str, Any]:
+        times = [h["train_seconds"] for h in self.history]
+        return {
+            "config": asdict(self.cfg),
+            "name": self.cfg.name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "epochs": self.history,
+            "epoch_seconds": times,
+            "median_epoch_seconds": statistics.median(times) if times else None,
+            "best_epoch": self.best,
+            "best_val": self.history[self.best - 1]["val"] if self.best else None,
+            "test": self.test,
+        }
+
+    # ------------------------------------------------------------------ resume
+    def _save(self) -> None:
+        if self.out is not None:
+            res = self.results()
+            _atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+
+    def _resume(self) -> None:
+        assert self.out is not None
+        ckpt, res_path, best_path = self.out / "ckpt.pt", self.out / "results.json", self.out / "best.pt"
+        if not ckpt.exists():
+            return
+        self.trainer.load_checkpoint(ckpt)
+        # run_epoch calls fit once per epoch, and each fit starts fresh meta / HVP streams; a resumed
+        # fit would instead continue the streams saved in the checkpoint. Drop those positions so that
+        # a resumed run matches an uninterrupted one (relies on BilevelTrainer._pending, see README).
+        pending = getattr(self.trainer, "_pending", None)
+        if isinstance(pending, dict) and isinstance(pending.get("cursors"), dict):
+            for key in ("outer", "hvp"):
+                pending["cursors"].pop(key, None)
+        rng_path = self.out / "data_rng.pt"
+        if rng_path.exists():
+            gens = torch.load(rng_path, map_location="cpu", weights_only=True)
+            if int(gens["epoch"]) == self.trainer.epoch:
+                for k, g in self.gens.items():
+                    g.set_state(gens[k])
+        if res_path.exists():
+            prev = json.loads(res_path.read_text())
+            if prev["config"]["method"] != self.cfg.method or prev["config"]["solver"] != self.cfg.solver:
+                raise ValueError(f"{res_path} is from another run ({prev['name']}); use another --out")
+            self.history = [h for h in prev["epochs"] if h["epoch"] <= self.trainer.epoch]
+        if best_path.exists():
+            best = torch.load(best_path, map_location="cpu", weights_only=True)
+            if best["epoch"] <= self.trainer.epoch:
+                self.best, self.best_state = int(best["epoch"]), best["backbone"]
+        if len(self.history) < self.trainer.epoch:  # stopped after the checkpoint, before the evaluation
+            val = self.evaluate("val")
+            self.history.append({"epoch": self.trainer.epoch, "train_seconds": float("nan"), "val": val})
+            if self.best is None or _score(self.cfg.task, val) > _score(
+                self.cfg.task, self.history[self.best - 1]["val"]
+            ):
+                self.best = self.trainer.epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    data: DigitSplits | None = None,
+    pretrained: tuple[Mapping[str, Tensor], Any, Tokenizer] | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` to the end (resuming from ``cfg.out`` with ``cfg.resume``); returns the results dict
+    (also written to ``cfg.out/results.json``)."""
+    run = FinetuneRun(cfg, data, pretrained)
+    while not run.done:
+        rec = run.run_epoch()
+        if cfg.progress:
+            head = f"[{cfg.name} seed {cfg.seed}] epoch {rec['epoch']}"
+            print(f"{head}: {rec['train_seconds']:.1f} s, val {_fmt(rec['val'])}")
+    res = run.finish()
+    if cfg.progress and res["test"] is not None:
+        print(f"[{cfg.name} seed {cfg.seed}] test (val-selected epoch {res['best_epoch']}): {_fmt(res['test'])}")
+    return res
+
+
+def _fmt(m: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in m.items())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--task", choices=list(PRIMARY), default="retrieval")
+    p.add_argument("--method", choices=METHODS, default="meltr")
+    p.add_argument("--solver", choices=SOLVERS, default="aid-fp-lite")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--K", type=int, default=3, help="one hyper step every K inner steps")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--meta-batch", choices=META_BATCH, default="heldout")
+    p.add_argument("--iters", type=int, default=3, help="HVPs of aid-cg / aid-fp / stocbio")
+    p.add_argument("--alpha", type=float, default=0.01, help="aid-fp-lite scale, Neumann step, ITD look-ahead lr")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--meta-lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-size", type=int, default=160)
+    p.add_argument("--meta-size", type=int, default=96)
+    p.add_argument("--val-size", type=int, default=200)
+    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--pretrained", default="runs/pretrain_tiny.pt")
+    p.add_argument("--out", default=None, help="run directory (default runs/finetune/TASK-NAME-sSEED)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sizes = {"train": a.train_size, "meta": a.meta_size, "val": a.val_size, "test": a.test_size}
+    try:
+        cfg = FinetuneConfig(
+            task=a.task, method=a.method, solver=a.solver, seed=a.seed, epochs=a.epochs, K=a.K, gamma=a.gamma,
+            meta_batch=a.meta_batch, pretrained=a.pretrained, resume=a.resume, batch_size=a.batch_size, lr=a.lr,
+            meta_lr=a.meta_lr, iters=a.iters, alpha=a.alpha, data_seed=a.data_seed, sizes=sizes,
+            progress=not a.no_progress,
+        )  # fmt: skip
+    except ValueError as e:
+        p.error(str(e))
+    cfg.out = a.out or f"runs/finetune/{a.task}-{cfg.name}-s{a.seed}"
+    return finetune(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Fine-tuning CLI / library (examples/meltr_video/finetune.py), analysis plots and the results script."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from examples.meltr_video import finetune as ft
+from examples.meltr_video.analysis import plot_response, plot_weights
+from examples.meltr_video.data import Collate, make_digit_clips
+from examples.meltr_video.pretrain import pretrain
+from examples.meltr_video.results import parse_variant
+from examples.meltr_video.univl import LOSS_NAMES, UniVL, UniVLConfig
+
+SIZES = {"train": 16, "meta": 8, "val": 8, "test": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on the shared 2-core machine, 2 threads make these small runs several times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_digit_clips(0, sizes=SIZES)
+
+
+@pytest.fixture(scope="module")
+def pretrained(data):
+    """A tiny backbone 'pretrained' for 3 steps on the sum of the 8 losses (no cached file)."""
+    tok = data.tokenizer
+    torch.manual_seed(0)
+    cfg = UniVLConfig.tiny(len(tok), hidden=16, heads=2, ff=32, text_layers=1, video_layers=1)
+    model = UniVL(cfg, tok.cls_id, tok.sep_id, tok.bos_id, tok.eos_id)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = Collate(tok)([data["train"][i] for i in range(8)])
+    for _ in range(3):
+        opt.zero_grad()
+        sum(model(batch).values()).backward()
+        opt.step()
+    return model.state_dict(), cfg, tok
+
+
+def cfg(**kw):
+    base = dict(epochs=1, batch_size=4, sizes=SIZES, progress=False)
+    base.update(kw)
+    return ft.FinetuneConfig(**base)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    "method,solver", [("single", "aid-fp-lite"), ("mtl", "aid-fp-lite"), ("meltr", "aid-fp-lite"), ("meltr", "aid-cg")]
+)
+def test_each_method_trains_and_writes_results(tmp_path, data, pretrained, method, solver):
+    c = cfg(method=method, solver=solver, out=str(tmp_path / "run"))
+    run = ft.FinetuneRun(c, data, pretrained)
+    before_backbone = flat(run.backbone)
+    before_meltr = flat(run.meltr) if run.meltr is not None else None
+    run.run_epoch()
+    res = run.finish()
+    assert not torch.equal(flat(run.backbone), before_backbone)
+    hyper = res["epochs"][0]["hyper_steps"]
+    if method == "meltr":
+        assert hyper == 1  # 4 inner steps, K = 3
+        assert not torch.equal(flat(run.meltr), before_meltr)
+        assert set(res["epochs"][0]["meltr"]["weights"]) == set(LOSS_NAMES)
+        assert set(res["response"]["curves"]) == set(LOSS_NAMES)
+    else:
+        assert hyper == 0 and run.meltr is None
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["config"]["method"] == method and on_disk["name"] == c.name
+    for key in ("R@1", "R@5", "R@10", "MedR"):
+        assert 0 <= on_disk["test"][key] <= 100 or key == "MedR"
+    assert on_disk["best_epoch"] == 1 and len(on_disk["epoch_seconds"]) == 1
+    assert (tmp_path / "run" / "ckpt.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, data, pretrained):
+    kw = dict(method="meltr", solver="aid-fp-lite", epochs=2)
+    full = ft.FinetuneRun(cfg(out=str(tmp_path / "a"), **kw), data, pretrained)
+    while not full.done:
+        full.run_epoch()
+    first = ft.FinetuneRun(cfg(out=str(tmp_path / "b"), **kw), data, pretrained)
+    first.run_epoch()
+    del first  # "killed" after epoch 1
+    resumed = ft.FinetuneRun(cfg(out=str(tmp_path / "b"), resume=True, **kw), data, pretrained)
+    assert resumed.epoch == 1 and len(resumed.history) == 1
+    resumed.run_epoch()
+    assert torch.equal(flat(full.backbone), flat(resumed.backbone))
+    assert torch.equal(flat(full.meltr), flat(resumed.meltr))
+    assert full.history[1]["inner_loss_mean"] == resumed.history[1]["inner_loss_mean"]
+    assert full.finish()["test"] == resumed.finish()["test"]
+
+
+def test_same_training_batches_for_all_methods(data, pretrained):
+    """Hyper steps (incl. StocBiO's extra HVP batches) draw from their own generators."""
+    states = []
+    for method, solver in (("mtl", "aid-fp-lite"), ("meltr", "stocbio"), ("meltr", "itd")):
+        run = ft.FinetuneRun(cfg(method=method, solver=solver), data, pretrained)
+        run.run_epoch()
+        states.append(run.gens["train_order"].get_state())
+        states.append(run.gens["train_masks"].get_state())
+    assert all(torch.equal(states[0 + i % 2], s) for i, s in enumerate(states))
+
+
+def test_meta_batch_last10_and_captioning(data, pretrained):
+    res = ft.finetune(cfg(method="meltr", solver="itd", meta_batch="last10"), data, pretrained)
+    assert res["epochs"][0]["hyper_steps"] == 1
+    res = ft.finetune(cfg(method="single", task="captioning"), data, pretrained)
+    assert {"BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(res["test"])
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        ft.FinetuneConfig(method="meta")
+    with pytest.raises(ValueError, match="unknown solver"):
+        ft.FinetuneConfig(solver="cg")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ft.FinetuneConfig(sizes={"train": 8, "meta": 96, "val": 10, "test": 10})
+    with pytest.raises(ValueError, match="K must"):
+        ft.FinetuneConfig(K=0)
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        ft.FinetuneRun(ft.FinetuneConfig(pretrained="/nonexistent.pt"))
+
+
+def test_cli_end_to_end_with_resume(tmp_path, capsys):
+    ck = tmp_path / "pre.pt"
+    pretrain("tiny", ck, epochs=1, max_steps=1, pretrain_size=16, val_size=8, progress=False)
+    args = ["--pretrained", str(ck), "--out", str(tmp_path / "cli"), "--batch-size", "4", "--train-size", "8"]
+    args += ["--meta-size", "4", "--val-size", "4", "--test-size", "4", "--no-progress", "--solver", "aid-fp"]
+    one = ft.main([*args, "--epochs", "1"])
+    two = ft.main([*args, "--epochs", "2", "--resume"])
+    assert len(one["epochs"]) == 1 and len(two["epochs"]) == 2
+    assert two["epochs"][0]["val"] == one["epochs"][0]["val"]
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["config"]["epochs"] == 2
+
+
+def test_analysis_plots_and_variants(tmp_path, data, pretrained):
+    res = ft.finetune(cfg(method="meltr", epochs=2), data, pretrained)
+    for fn, name in ((plot_response, "r.png"), (plot_weights, "w.png")):
+        path = fn(res, tmp_path / name)
+        assert path.stat().st_size > 1000
+    base = ft.finetune(cfg(method="mtl"), data, pretrained)
+    with pytest.raises(ValueError, match="only MELTR"):
+        plot_response(base, tmp_path / "x.png")
+    assert parse_variant("meltr:aid-cg:K=1,gamma=0")[1] == {"method": "meltr", "solver": "aid-cg", "K": 1, "gamma": 0.0}
+    with pytest.raises(ValueError):
+        parse_variant("meltr:bogus=1")
