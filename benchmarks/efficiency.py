@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.markdown import write_section as write_results_section
 from examples.meltr_video.data import DigitSplits, VideoTextDataset, load_msrvtt, make_digit_clips
 from examples.meltr_video.finetune import FinetuneConfig, FinetuneRun
 
@@ -272,18 +273,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_section(path: Path, text: str) -> None:
-    """Replace the text between the table8 markers of ``path`` (appended at the end when missing); text after
-    a ``<!-- notes -->`` line inside the section is kept."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    block = f"{BEGIN}\n## Optimisation efficiency (paper Table 8; `benchmarks/efficiency.py`)\n\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        section = old[old.index(BEGIN) : old.index(END)]
-        if NOTES in section:  # hand-written analysis below the NOTES marker survives a re-run
-            block = block[: -len(END)] + "\n" + section[section.index(NOTES) :].rstrip("\n") + "\n" + END
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(new, encoding="utf-8")
+    """Write the table8 section (hand-written notes after ``<!-- notes -->`` are kept)."""
+    title = "## Optimisation efficiency (paper Table 8; `benchmarks/efficiency.py`)"
+    write_results_section(path, "table8", f"{title}\n\n{text}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -53,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 import bilevel as bl
+from benchmarks.markdown import write_section as write_results_section
 from bilevel import testing
 
 from ._measure import MemoryPoint, measure_memory, time_call
@@ -565,18 +566,8 @@ def _memory_table(points: list[MemoryPoint]) -> str:
 
 
 def write_section(path: Path, body: str, name: str = SECTION) -> None:
-    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in ``path``
-    (created with a ``# Results`` title if missing; the markers are appended if absent)."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text and text.index(begin) < text.index(end):
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Write section ``name`` (default: this benchmark's) of the results file."""
+    write_results_section(path, name, body)
 
 
 # ------------------------------------------------------------------------------------------------ plots

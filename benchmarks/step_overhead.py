@@ -33,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import bilevel as bl
+from benchmarks.markdown import write_section as write_results_section
 
-BEGIN, END = "<!-- BEGIN step_overhead -->", "<!-- END step_overhead -->"
 SOLVERS = {
     "aid-fp-lite": {},
     "aid-fp (K=5)": {"iters": 5, "alpha": 0.05},
@@ -237,14 +237,8 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def write_section(path: Path, text: str) -> None:
-    """Replace the text between the step_overhead markers (appended at the end when missing)."""
-    old = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n## Training-step overhead (`benchmarks/step_overhead.py`)\n\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new)
+    """Write the step_overhead section of the results file."""
+    write_results_section(path, "step_overhead", f"## Training-step overhead (`benchmarks/step_overhead.py`)\n\n{text}")
 
 
 if __name__ == "__main__":

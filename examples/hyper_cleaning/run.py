@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.markdown import write_section as write_results_section
+
 from .cleaning import SOLVER_NAMES, CleaningResult, fit_baseline, load_cleaning_data, run_cleaning
 
 DEFAULT_META_LR = {"adam": 0.1, "sgd": 3000.0}
@@ -85,18 +87,8 @@ def _plot(histories: dict[str, dict[str, list[list[dict[str, float]]]]], path: P
 
 
 def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in ``path``
-    (appending the markers when missing); the rest of the file is left as it is."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text, encoding="utf-8")
+    """Replace section ``name`` of the results file (see :func:`benchmarks.markdown.write_section`)."""
+    write_results_section(path, name, body)
 
 
 def main(argv: list[str] | None = None) -> int:

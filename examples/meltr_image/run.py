@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.markdown import write_section as write_results_section
+
 from .digits import load_digit_splits
 from .train import ImageConfig, ImageResult, train_method
 
@@ -73,18 +75,8 @@ def _plot(rows: dict[str, list[ImageResult]], path: Path, title: str) -> None:
 
 
 def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in ``path``
-    (appending the markers when missing); the rest of the file is left as it is."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text, encoding="utf-8")
+    """Replace section ``name`` of the results file (see :func:`benchmarks.markdown.write_section`)."""
+    write_results_section(path, name, body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.markdown import write_section as write_results_section
+
 from .analysis import plot_response, plot_weights
 from .data import make_digit_clips
 from .finetune import METHODS, SOLVERS, FinetuneConfig, finetune
 
 __all__ = ["main", "parse_variant", "run_rows"]
 
-BEGIN, END = "<!-- BEGIN meltr_retrieval -->", "<!-- END meltr_retrieval -->"
-NOTES = "<!-- notes -->"
 ROOT = Path(__file__).resolve().parents[2]
 _TYPES = {f.name: f.type for f in fields(FinetuneConfig)}
 
@@ -112,20 +112,9 @@ def markdown(res: dict[str, list[dict[str, Any]]], cmd: str, setting: str) -> st
 
 
 def write_section(path: Path, text: str) -> None:
-    """Replace the text between the meltr_retrieval markers (appended at the end when missing); text after
-    a ``<!-- notes -->`` line inside the section is kept."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    block = (
-        f"{BEGIN}\n## MELTR fine-tuning: text-to-video retrieval (`examples/meltr_video/results.py`)\n\n{text}\n{END}"
-    )
-    if BEGIN in old and END in old:
-        section = old[old.index(BEGIN) : old.index(END)]
-        if NOTES in section:  # hand-written analysis below the NOTES marker survives a re-run
-            block = block[: -len(END)] + "\n" + section[section.index(NOTES) :].rstrip("\n") + "\n" + END
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(new, encoding="utf-8")
+    """Write the meltr_retrieval section (hand-written notes after ``<!-- notes -->`` are kept)."""
+    title = "## MELTR fine-tuning: text-to-video retrieval (`examples/meltr_video/results.py`)"
+    write_results_section(path, "meltr_retrieval", f"{title}\n\n{text}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
