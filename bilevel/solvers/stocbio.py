@@ -6,13 +6,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..linalg import POLICIES, Policy, neumann_series
-from ..products import HVPMode, Linearization
-from .base import AIDSolver, _check_choice, _check_int, _check_positive, check_aid_options
+from ..linalg import neumann_series
+from ..products import Linearization
+from .aid_fp import AIDFP
 
 
 @dataclass
-class StocBiO(AIDSolver):
+class StocBiO(AIDFP):
     """Stochastic Neumann series (Ji et al. 2021):
 
         p_0 = grad_theta f,  p_{j+1} = p_j - alpha H_{B_j} p_j,  v = alpha sum_{j=0}^{iters} p_j
@@ -20,7 +20,8 @@ class StocBiO(AIDSolver):
     where ``H_{B_j}`` is the inner Hessian on the ``j``-th batch drawn from ``batches``; the mixed
     product ``J v`` uses ``inner_batch``. Each term costs one gradient of ``g`` with its graph plus
     one backward pass on a new batch. Without ``batches`` every term uses ``inner_batch``, and the
-    result equals :class:`~bilevel.AIDFP` with the same options.
+    result equals :class:`~bilevel.AIDFP` with the same options (StocBiO subclasses it: same options
+    and checks, plus ``batches``).
 
     Args:
         iters: number of HVPs (series terms after the first), as in :class:`~bilevel.AIDFP`.
@@ -50,20 +51,12 @@ class StocBiO(AIDSolver):
     """
 
     iters: int = 10
-    alpha: float = 0.01
     batches: Iterable[Any] | None = field(default=None, repr=False)
-    on_divergence: Policy = "raise"
-    divergence_factor: float = 10.0
-    hvp: HVPMode = "autograd"
 
     name = "stocbio"
 
     def __post_init__(self) -> None:
-        _check_int("iters", self.iters, 0)
-        _check_positive("alpha", self.alpha)
-        _check_positive("divergence_factor", self.divergence_factor)
-        _check_choice("on_divergence", self.on_divergence, POLICIES)
-        check_aid_options(self)
+        super().__post_init__()  # the options of AIDFP
         self._iter: Iterator[Any] | None = None
         self._iter_of: Iterable[Any] | None = None
 
