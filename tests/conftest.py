@@ -20,6 +20,15 @@ def rel_err(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     return (num / den) ** 0.5
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests with one torch thread (faster for tiny problems on a shared CPU); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def diabetes():
     return ridge_diabetes()

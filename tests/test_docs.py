@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import bilevel
 
@@ -27,12 +26,7 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python[^\n]*\n(.*?)^```", markdown, re.S | re.M)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -22,14 +22,7 @@ from examples.hyper_cleaning.cleaning import (
 )
 from examples.hyper_cleaning.run import main, write_section
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These problems are tiny: one thread is faster than two on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
 
 @pytest.fixture(scope="module")

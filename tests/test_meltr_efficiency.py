@@ -5,18 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from benchmarks import efficiency
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads make these small runs several times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs: one thread is faster on a shared CPU
 
 
 def test_tiny_table_has_all_six_rows(tmp_path):

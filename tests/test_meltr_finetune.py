@@ -17,13 +17,7 @@ from examples.meltr_video.univl import LOSS_NAMES, UniVL, UniVLConfig
 SIZES = {"train": 16, "meta": 8, "val": 8, "test": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads make these small runs several times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs: one thread is faster on a shared CPU
 
 
 @pytest.fixture(scope="module")

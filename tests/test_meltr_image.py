@@ -15,14 +15,7 @@ from examples.meltr_image.run import main, write_section
 from examples.meltr_image.train import ImageConfig, fit_meltr_to_sum, solver_from_name, train_method
 from examples.meltr_video.meltr import MELTR, make_objectives
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions: one thread is faster than two on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread is faster on a shared CPU
 
 
 @pytest.fixture(scope="module")
