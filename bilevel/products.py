@@ -125,8 +125,6 @@ class Linearization:
         self._params, self._hparams, self._batch, self._g, self.mode = params, hparams, batch, g, mode
         self.n_hvp = 0
         self._reduce = reduce or _identity
-        self._vjp = None
-        grad_g = grad_and_value(g, argnums=0)
         if mode == "autograd":
             with torch.enable_grad():
                 self._th, self._ph = leaves(params), leaves(hparams)
@@ -137,7 +135,9 @@ class Linearization:
             self.grad_theta = {k: v.detach() for k, v in g_theta.items()}
             # only the entries of grad_theta g that depend on (theta, phi) carry a graph
             self._graph = {k: v for k, v in g_theta.items() if v.requires_grad}
-        elif mode == "rev-rev":
+            return
+        grad_g = grad_and_value(g, argnums=0)
+        if mode == "rev-rev":
             self.grad_theta, self._vjp, self.value = vjp(
                 lambda t, h: grad_g(t, h, batch), params, hparams, has_aux=True
             )
@@ -150,7 +150,7 @@ class Linearization:
         self.n_hvp += 1
         if self.mode == "autograd":
             return self._reduce(self._backward(p, self._th))
-        if self._vjp is not None:
+        if self.mode == "rev-rev":
             return self._reduce(self._vjp(p)[0])
         g, h, b = self._g, self._hparams, self._batch
         return self._reduce(jvp(lambda t: grad(g)(t, h, b), (self._params,), (p,))[1])
@@ -160,7 +160,7 @@ class Linearization:
         a hparam does not reach ``grad_theta g``)."""
         if self.mode == "autograd":
             return self._reduce(self._backward(v, self._ph))
-        if self._vjp is not None:
+        if self.mode == "rev-rev":
             return self._reduce(self._vjp(v)[1])
         g, t, b = self._g, self._params, self._batch
         return self._reduce(vjp(lambda h: grad(g)(t, h, b), self._hparams)[1](v)[0])
@@ -171,7 +171,6 @@ class Linearization:
             return {k: torch.zeros_like(v) for k, v in inputs.items()}
         keys = list(self._graph)
         with torch.enable_grad():
-            out = grad_tree(
+            return grad_tree(
                 [self._graph[k] for k in keys], inputs, grad_outputs=[cotangent[k] for k in keys], retain_graph=True
             )
-        return out
