@@ -81,7 +81,11 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 class Solver(ABC):
-    """Base class of hypergradient solvers; subclasses implement :meth:`_hypergrad`."""
+    """Base class of hypergradient solvers; subclasses implement :meth:`_hypergrad`.
+
+    A solver holds its options and, during one :meth:`hypergrad` call, that call's ``reduce`` and
+    device flags: use one instance per thread (the instances are cheap dataclasses).
+    """
 
     name: ClassVar[str]
     _reduce: Reduce | None = None
