@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.markdown import write_section as write_results_section
+from benchmarks.markdown import write_section
 
 from .cleaning import SOLVER_NAMES, CleaningResult, fit_baseline, load_cleaning_data, run_cleaning
 
@@ -84,11 +84,6 @@ def _plot(histories: dict[str, dict[str, list[list[dict[str, float]]]]], path: P
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace section ``name`` of the results file (see :func:`benchmarks.markdown.write_section`)."""
-    write_results_section(path, name, body)
 
 
 def main(argv: list[str] | None = None) -> int:

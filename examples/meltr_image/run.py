@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.markdown import write_section as write_results_section
+from benchmarks.markdown import write_section
 
 from .digits import load_digit_splits
 from .train import ImageConfig, ImageResult, train_method
@@ -72,11 +72,6 @@ def _plot(rows: dict[str, list[ImageResult]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace section ``name`` of the results file (see :func:`benchmarks.markdown.write_section`)."""
-    write_results_section(path, name, body)
 
 
 def main(argv: list[str] | None = None) -> int:
