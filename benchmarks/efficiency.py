@@ -1,13 +1,15 @@
 """MELTR's optimisation-efficiency table (paper Table 8) on the offline digit clips.
 
-    python -m benchmarks.efficiency [--full] [--seeds 2] [--epochs 3] [--K 3] [--iters 3]
+    python -m benchmarks.efficiency [--full] [--seeds 2] [--epochs 3] [--K 3] [--iters 3] [--peers auto]
                                     [--data msrvtt --features PKL --csv CSV [--json JSON]]
 
 Fine-tunes the SAME pretrained backbone on text-to-video retrieval with MTL (the baseline row) and
 MELTR with each hypergradient solver (ITD one-step look-ahead, StocBiO, AID-CG, AID-FP (Neumann),
 AID-FP-Lite): same MELTR initialisation, data order, epochs and K (one hyper step every K inner
-steps). All runs are built by :class:`examples.meltr_video.finetune.FinetuneRun` (one place) and
-trained by :class:`bilevel.BilevelTrainer`.
+steps), and the peers' implicit-differentiation solvers in the same loop (``--peers``: by default
+torchopt's CG (``custom_root``) and betty's Neumann, where they import; rows without a paper figure,
+through :class:`benchmarks.peers.PeerSolver`). All runs are built by
+:class:`examples.meltr_video.finetune.FinetuneRun` (one place) and trained by :class:`bilevel.BilevelTrainer`.
 
 Timing: all rows live in one process and their epochs are INTERLEAVED (round robin, one epoch per
 row, the starting row rotating each epoch), so machine drift hits all rows alike. Time per epoch =
@@ -59,6 +61,15 @@ ROWS: list[tuple[str, str, str]] = [
     ("MELTR + AID-FP (Neumann)", "meltr", "aid-fp"),
     ("MELTR + AID-FP-Lite", "meltr", "aid-fp-lite"),
 ]
+# Peers in the same loop (benchmarks.peers.PeerSolver): rows without a paper figure. betty's CG is left
+# out of "auto": betty 0.2.1 builds each CG direction from the old residual (see benchmarks/peers.py).
+PEER_ROWS: list[tuple[str, str, str]] = [
+    ("torchopt: implicit diff., CG", "meltr", "torchopt:cg"),
+    ("betty: implicit diff., Neumann", "meltr", "betty:neumann"),
+    ("torchopt: implicit diff., Neumann", "meltr", "torchopt:neumann"),
+    ("betty: implicit diff., CG (betty 0.2.1's CG)", "meltr", "betty:cg"),
+]
+PEERS_AUTO = ("torchopt:cg", "betty:neumann")
 # Paper Table 8 (UniVL on YouCook2 text-to-video retrieval): R@1, seconds per epoch, overhead %.
 PAPER = {
     "mtl": (26.1, 547, 0.0),
@@ -71,6 +82,39 @@ PAPER = {
 DEFAULT = {"seeds": 2, "epochs": 3, "train": 160, "meta": 96, "val": 100, "test": 200, "preset": "quick"}
 FULL = {"seeds": 3, "epochs": 5, "train": 320, "meta": 96, "val": 200, "test": 300, "preset": "full"}
 TINY = {"seeds": 1, "epochs": 1, "train": 16, "meta": 8, "val": 8, "test": 8, "preset": None}
+
+
+def peer_rows(spec: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The peer rows selected by ``--peers`` and notes on the ones skipped.
+
+    ``spec``: ``"auto"`` (:data:`PEERS_AUTO`, those whose library imports), ``"none"``, ``"all"``
+    (every row of :data:`PEER_ROWS` whose library imports) or a comma list of solver names
+    (``torchopt:cg,betty:neumann``), which must all import.
+    """
+    from benchmarks.peers import available
+
+    known = {solver: (label, m, solver) for label, m, solver in PEER_ROWS}
+    if spec == "none":
+        return [], []
+    if spec in ("auto", "all"):
+        names, strict = (list(PEERS_AUTO) if spec == "auto" else list(known)), False
+    else:
+        names, strict = [n.strip() for n in spec.split(",") if n.strip()], True
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown peer solver(s) {unknown}; choose from {list(known)}, 'auto', 'all' or 'none'")
+    versions = available()
+    rows, skipped = [], []
+    for n in names:
+        peer = n.split(":")[0]
+        if versions.get(peer) is None:
+            if strict:
+                raise ImportError(f"--peers {n}: {peer} does not import (scripts/install_peers.sh installs it)")
+            skipped.append(f"{n} (does not import)")
+            continue
+        label, m, solver = known[n]
+        rows.append((f"{label} [{peer} {versions[peer]}]", m, solver))
+    return rows, skipped
 
 
 def profile(pre: tuple[Any, Any, Any], data: DigitSplits, sizes: dict[str, int], iters: int, top: int = 12) -> str:
@@ -203,7 +247,7 @@ def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str, s
             for s, v in (e.get("hyper_seconds") or {}).items():
                 stages[s] = stages.get(s, 0.0) + v
         row["ms_per_hyper_step"] = {s: 1000 * v / hyper for s, v in stages.items()} if hyper else {}
-        row["paper"] = PAPER[k]
+        row["paper"] = PAPER.get(k)  # None for the peers' rows
         out.append(row)
     return out
 
@@ -221,10 +265,11 @@ def markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str:
     ]
     for r in rows:
         p = r["paper"]
+        paper = f"{p[0]:.1f} | {p[1]} | {p[2]:+.1f} %" if p else "- | - | -"
         lines.append(
             f"| {r['label']} | {r['R@1'][0]:.1f} ± {r['R@1'][1]:.1f} | {r['R@5'][0]:.1f} ± {r['R@5'][1]:.1f} "
             f"| {r['MedR'][0]:.1f} ± {r['MedR'][1]:.1f} | {r['seconds_per_epoch']:.2f} | {r['overhead_pct']:+.1f} % "
-            f"| {p[0]:.1f} | {p[1]} | {p[2]:+.1f} % |"
+            f"| {paper} |"
         )
     lines += [
         "",
@@ -262,8 +307,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes[0].errorbar(r["overhead_pct"], r["R@1"][0], yerr=r["R@1"][1], fmt="o", capsize=3, color=color)
         xy = (r["overhead_pct"], r["R@1"][0])
         axes[0].annotate(r["key"], xy, textcoords="offset points", xytext=(5, 12 - 9 * (i % 3)), color=color)
-        axes[1].plot(r["paper"][2], r["paper"][0], "o", color=color)
-        axes[1].annotate(r["key"], (r["paper"][2], r["paper"][0]), textcoords="offset points", xytext=(4, 4))
+        if r["paper"] is not None:
+            axes[1].plot(r["paper"][2], r["paper"][0], "o", color=color)
+            axes[1].annotate(r["key"], (r["paper"][2], r["paper"][0]), textcoords="offset points", xytext=(4, 4))
     axes[0].set(title="ours (digit clips, tiny UniVL, CPU)", xlabel="time overhead vs MTL (%)", ylabel="test R@1 (%)")
     axes[1].set(title="paper Table 8 (YouCook2, UniVL)", xlabel="time overhead vs MTL (%)", ylabel="R@1 (%)")
     fig.tight_layout()
@@ -297,10 +343,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out-json", default=None, help="also write all raw results here")
     p.add_argument("--no-write", action="store_true", help="print only (no docs/results.md, no PNG)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--peers",
+        default="auto",
+        help="peer rows: auto (torchopt:cg, betty:neumann where they import), all, none, or a comma list",
+    )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step per row, then exit")
     a = p.parse_args(argv)
     if a.data == "msrvtt" and not (a.features and a.csv):
         p.error("--data msrvtt needs --features and --csv")
+    try:
+        extra, skipped = peer_rows(a.peers)
+    except (ValueError, ImportError) as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
     mode = TINY if a.tiny else FULL if a.full else DEFAULT
     seeds = a.seeds or mode["seeds"]
@@ -339,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = profile(pre, data, sizes, a.iters)
         print(text)
         return {"profile": text}
-    res = run_table(seeds, epochs, a.K, a.iters, sizes, pre, data, progress, batch_size=batch)
+    rows_spec = ROWS + extra
+    res = run_table(seeds, epochs, a.K, a.iters, sizes, pre, data, progress, rows=rows_spec, batch_size=batch)
     rows = res["rows"]
     mtl = rows[0]
     steps_per_epoch = mtl["inner_updates"] / (seeds * epochs)
@@ -349,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{sizes['test']} clips), batch {batch}, backbone {pre_note}, {seeds} seed(s) x {epochs} epoch(s), "
             f"K={a.K}, {a.iters} HVPs for AID-CG/AID-FP/StocBiO, torch {torch.__version__} on CPU with "
             f"{torch.get_num_threads()} thread(s); pretraining/loading {t_pre:.0f} s, total "
-            f"{time.perf_counter() - t0:.0f} s."
+            f"{time.perf_counter() - t0:.0f} s." + (f" Peers skipped: {', '.join(skipped)}." if skipped else "")
         ),
         "ms_inner": 1000 * mtl["seconds_per_epoch"] / steps_per_epoch,
     }

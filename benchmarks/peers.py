@@ -46,6 +46,7 @@ import importlib
 import importlib.metadata
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from torch import Tensor, nn
 
 import bilevel as bl
 
-__all__ = ["PEERS", "PEER_METHODS", "available", "peer_hypergrad", "require"]
+__all__ = ["PEERS", "PEER_METHODS", "PeerSolver", "available", "parse_peer_solver", "peer_hypergrad", "require"]
 
 Tree = dict[str, Tensor]
 
@@ -278,7 +279,11 @@ def _betty(problem, params, hparams, inner_batch, outer_batch, method, iters, al
         config = Config(type="darts", darts_alpha=alpha)
 
     def inner_loss(batch: Any) -> Tensor:
-        return problem.inner(_as_tree(pkeys, theta), _as_tree(hkeys, phi), batch)
+        # betty differentiates grad_theta g w.r.t. every phi without allow_unused, and fails when some phi
+        # does not enter grad_theta g (MELTR: the bias of the last LayerNorm only shifts L_aux by w^T b).
+        # Adding 0 * sum(phi) * sum(theta_0) links them in the graph without changing any value.
+        link = sum(p.sum() for p in phi) * theta[0].sum()
+        return problem.inner(_as_tree(pkeys, theta), _as_tree(hkeys, phi), batch) + 0.0 * link
 
     lower = _BettyLevel(theta, inner_loss, config, inner_batch)
     upper = _BettyLevel(phi, None, Config(), outer_batch)
@@ -336,6 +341,64 @@ def peer_hypergrad(
         solve = _torchopt_solve(method, iters, alpha, tol)
         return _torchopt_implicit(problem, params, hparams, inner_batch, outer_batch, solve, method)
     return _betty(problem, params, hparams, inner_batch, outer_batch, method, iters, alpha)
+
+
+@dataclass
+class PeerSolver(bl.Solver):
+    """A peer's hypergradient behind the :class:`bilevel.Solver` interface, so that a peer can be
+    dropped into :class:`bilevel.BilevelTrainer` (e.g. as a row of the Table 8 benchmark).
+
+    ``hypergrad(problem, params, hparams, inner_batch, outer_batch)`` returns
+    :func:`peer_hypergrad` ``(peer, method, ...)`` with this instance's options; ``info.times``
+    has the total only (the peers' stages are not separable) and ``info.n_hvp`` the HVP count the
+    method implies (cg: at most ``iters``, neumann: ``iters``, identity: 0; itd: none).
+    ``reduce`` (data-parallel training) is not supported: the peers have no such hook.
+
+    Args:
+        peer, method: as in :func:`peer_hypergrad` (``PEER_METHODS[peer]``).
+        iters, lr, alpha, tol: as in :func:`peer_hypergrad`.
+    """
+
+    peer: str
+    method: str
+    iters: int = 3
+    lr: float = 0.01
+    alpha: float = 0.01
+    tol: float = 1e-10
+
+    name = "peer"
+
+    def __post_init__(self) -> None:
+        if self.peer not in PEER_METHODS:
+            raise ValueError(f"unknown peer {self.peer!r}; expected one of {sorted(PEER_METHODS)}")
+        if self.method not in PEER_METHODS[self.peer]:
+            raise ValueError(f"peer {self.peer!r} has no method {self.method!r}; it supports {PEER_METHODS[self.peer]}")
+        require(self.peer)
+        self.name = f"{self.peer}:{self.method}"  # type: ignore[misc]
+
+    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
+        if self._reduce is not None:
+            raise NotImplementedError(f"{self.name}: the peers have no data-parallel reduce hook")
+        hg = peer_hypergrad(
+            self.peer, self.method, problem, params, hparams, inner_batch, outer_batch,
+            iters=self.iters, lr=self.lr, alpha=self.alpha, tol=self.tol,
+        )  # fmt: skip
+        info.iters = 0 if self.method == "identity" else self.iters
+        info.n_hvp = self.iters if self.method in ("cg", "neumann") else 0
+        return hg
+
+
+def parse_peer_solver(spec: str, iters: int = 3, alpha: float = 0.01) -> PeerSolver:
+    """``"torchopt:cg"`` -> ``PeerSolver("torchopt", "cg", iters=iters, alpha=alpha, lr=alpha)``.
+
+    ``alpha`` is the Neumann step / darts radius and ``lr`` the ITD step, as in the MELTR fine-tuning
+    CLI. ``ValueError`` for a malformed spec, an unknown peer or method; ``ImportError`` when the peer
+    does not import.
+    """
+    peer, sep, method = spec.partition(":")
+    if not sep or not peer or not method:
+        raise ValueError(f"a peer solver is written PEER:METHOD (e.g. 'torchopt:cg'), got {spec!r}")
+    return PeerSolver(peer, method, iters=iters, lr=alpha, alpha=alpha)
 
 
 def _self_check() -> None:
