@@ -22,7 +22,8 @@ instead (a random one of the last 10 training batches; MATH.md section 7).
 Hypergradient solvers (``--solver``; ``alpha`` is the common step/scale, ``iters`` the HVP count):
 ``aid-fp-lite`` (scale=alpha), ``aid-cg`` (iters), ``aid-fp`` (Neumann, iters, alpha), ``itd``
 (Meta-Weight-Net style one-step look-ahead: steps=1, lr=alpha), ``stocbio`` (iters, alpha, each HVP
-on a fresh training batch).
+on a fresh training batch). ``PEER:METHOD`` (e.g. ``torchopt:cg``, ``torchopt:neumann``,
+``betty:neumann``) runs a peer library's solver instead, through :class:`benchmarks.peers.PeerSolver`.
 
 Output (``--out DIR``): ``DIR/results.json`` (config, per-epoch metrics and seconds, final test
 metrics, solver statistics, MELTR analysis), ``DIR/ckpt.pt`` (trainer checkpoint: resume with
@@ -116,8 +117,10 @@ class FinetuneConfig:
             raise ValueError(f"unknown task {self.task!r}; choose one of {list(PRIMARY)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
+        if self.solver not in SOLVERS and not _is_peer(self.solver):
+            raise ValueError(
+                f"unknown solver {self.solver!r}; choose one of {SOLVERS} or PEER:METHOD (e.g. 'torchopt:cg')"
+            )
         if self.meta_batch not in META_BATCH:
             raise ValueError(f"unknown meta batch source {self.meta_batch!r}; choose one of {META_BATCH}")
         for name in ("epochs", "K", "batch_size", "iters"):
@@ -147,6 +150,12 @@ class FinetuneConfig:
         return f"meltr-{self.solver}" if self.method == "meltr" else self.method
 
 
+def _is_peer(name: str) -> bool:
+    """``PEER:METHOD`` names a peer library's solver (checked fully by :func:`make_solver`)."""
+    peer, sep, method = name.partition(":")
+    return bool(sep and peer and method)
+
+
 def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
     """The MELTR solver ``name`` with the common options (see the module docstring).
 
@@ -163,7 +172,11 @@ def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
         return bl.get_solver(name, steps=1, lr=alpha)
     if name == "stocbio":
         return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
-    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
+    if ":" in name:  # a peer library's solver, e.g. "torchopt:cg" (benchmarks only; needs the repository root)
+        from benchmarks.peers import parse_peer_solver
+
+        return parse_peer_solver(name, iters, alpha)
+    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS} or PEER:METHOD (e.g. 'torchopt:cg')")
 
 
 class _RecentTrain:
@@ -216,7 +229,8 @@ class _SolverStats(bl.Callback):
         info = metrics.get("hypergrad_info")
         if info is None:
             return
-        self.outer_losses.append(float(metrics["outer_loss"]))
+        if metrics.get("outer_loss") is not None:  # the peers' solvers do not report f
+            self.outer_losses.append(float(metrics["outer_loss"]))
         s = self.stats
         s["hyper_steps"] += 1
         s["n_hvp"] += int(info.n_hvp)
@@ -547,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--task", choices=list(PRIMARY), default="retrieval")
     p.add_argument("--method", choices=METHODS, default="meltr")
-    p.add_argument("--solver", choices=SOLVERS, default="aid-fp-lite")
+    p.add_argument("--solver", default="aid-fp-lite", help=f"one of {SOLVERS}, or PEER:METHOD (torchopt:cg, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--K", type=int, default=3, help="one hyper step every K inner steps")
