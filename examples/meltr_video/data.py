@@ -128,8 +128,13 @@ class Tokenizer:
 
     @classmethod
     def for_digits(cls) -> Tokenizer:
-        """The closed vocabulary of the digit-clip grammar."""
-        return cls(["the", "digit", "moves", "then", "and", *DIGIT_WORDS, *DIRECTIONS])
+        """The closed vocabulary of the digit-clip grammar, then the words of the QA questions (``qa.py``).
+
+        The caption words keep their ids (7..25); the question words are appended after them.
+        """
+        caption = ["the", "digit", "moves", "then", "and", *DIGIT_WORDS, *DIRECTIONS]
+        question = ["what", "does", "do", "after", "before", "moving", "which", "where", "move", "first", "last"]
+        return cls([*caption, *question, "how", "many", "digits"])
 
     @classmethod
     def from_captions(cls, captions: Iterable[str], min_count: int = 1) -> Tokenizer:

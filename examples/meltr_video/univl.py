@@ -225,6 +225,8 @@ class UniVL(nn.Module):
     ``caption_in``, ``caption_out``). ``losses`` restricts which losses are computed (others omitted).
     """
 
+    LOSS_NAMES: tuple[str, ...] = LOSS_NAMES
+
     def __init__(self, cfg: UniVLConfig, cls_id: int = 1, sep_id: int = 2, bos_id: int = 4, eos_id: int = 5):
         super().__init__()
         self.cfg = cfg
@@ -268,6 +270,20 @@ class UniVL(nn.Module):
         vv = v.unsqueeze(0).expand(Nt, Nv, *v.shape[1:]).reshape(Nt * Nv, *v.shape[1:])
         vvm = vmask.unsqueeze(0).expand(Nt, Nv, vmask.shape[1]).reshape(Nt * Nv, -1)
         return self.cross.pooled_score(self.cross(tt, ttm, vv, vvm)).view(Nt, Nv)
+
+    def fuse(self, text: Tensor, text_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
+        """Pooled cross-modal states [N, H] of the aligned pairs (text i, video i), for task heads (QA).
+
+        ``h = cross(text_enc(text), video_enc(video))`` ([N, Lt+F, H]); returns ``tanh(W_pool h[:, 0] + b)``,
+        the first ([CLS]) position through the cross encoder's pooler (the input of ``cross.score``).
+        ``text`` [N, Lt] long, ``text_mask`` [N, Lt] bool, ``video`` [N, F, frame_dim], ``video_mask`` [N, F].
+        Differentiable (math SDPA kernel, so second derivatives exist).
+        """
+        if text.shape[0] != video.shape[0]:
+            raise ValueError(f"fuse pairs text i with video i: got {text.shape[0]} texts and {video.shape[0]} videos")
+        with sdpa_kernel(SDPBackend.MATH):
+            h = self.cross(self.text(text, text_mask), text_mask, self.video(video, video_mask), video_mask)
+        return torch.tanh(self.cross.pooler(h[:, 0]))
 
     def _empty_text(self, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
         ids = torch.tensor([[self.cls_id, self.sep_id]], device=device).expand(B, 2)
