@@ -149,3 +149,63 @@ def test_analysis_plots_and_variants(tmp_path, data, pretrained):
     assert parse_variant("meltr:aid-cg:K=1,gamma=0")[1] == {"method": "meltr", "solver": "aid-cg", "K": 1, "gamma": 0.0}
     with pytest.raises(ValueError):
         parse_variant("meltr:bogus=1")
+
+
+# --------------------------------------------------------------- issue 8: Violet backbone and video QA
+
+
+@pytest.fixture(scope="module")
+def violet_pretrained(data):
+    """A tiny random Violet with a k-means codebook fitted on the train clips (no cached file)."""
+    from examples.meltr_video.violet import Violet, VioletConfig, fit_codebook
+
+    tok = data.tokenizer
+    torch.manual_seed(0)
+    vcfg = VioletConfig.tiny(len(tok))
+    model = Violet(vcfg, tok.cls_id, tok.sep_id, tok.bos_id, tok.eos_id)
+    model.set_codebook(fit_codebook(data["train"].frames, vcfg.codebook_size, iters=3, seed=0))
+    return model.state_dict(), vcfg, tok
+
+
+@pytest.mark.parametrize(
+    "backbone,task,names",
+    [
+        ("violet", "retrieval", ("vtm", "mlm", "mvm")),
+        ("violet", "qa-oe", ("qa", "vtm", "mlm", "mvm")),
+        ("univl", "qa-mc", ("qa", *LOSS_NAMES)),
+    ],
+)
+def test_backbones_and_tasks_train_with_meltr(data, pretrained, violet_pretrained, backbone, task, names):
+    """Each (backbone, task) pair runs MELTR end to end: MELTR sees the right losses, the head trains, metrics."""
+    pre = violet_pretrained if backbone == "violet" else pretrained
+    run = ft.FinetuneRun(cfg(backbone=backbone, task=task, method="meltr", solver="aid-cg"), data, pre)
+    assert run.meltr is not None and run.meltr.task_names == names
+    if backbone == "violet":  # MATH.md section 4: the official Violet config of MELTR
+        assert run.meltr.scalar_embedding[2].out_features == 512
+    before = flat(run.model)
+    rec = run.run_epoch()
+    assert rec["hyper_steps"] >= 1 and not torch.equal(before, flat(run.model))
+    assert set(rec["meltr"]["weights"]) == set(names)
+    res = run.finish()
+    key = "R@1" if task == "retrieval" else "acc"
+    assert 0.0 <= res["test"][key] <= 100.0 and set(res["response"]["curves"]) == set(names)
+
+
+def test_single_task_qa_trains_the_answer_head(data, pretrained):
+    run = ft.FinetuneRun(cfg(task="qa-oe", method="single"), data, pretrained)
+    assert run.cfg.primary == "qa" and run.meltr is None
+    batch = next(iter(run.loader))
+    assert set(run.obj.backbone_fn(run.obj.params, batch)) == {"qa", *LOSS_NAMES}
+    head = torch.cat([p.detach().reshape(-1) for p in run.model.head.parameters()])
+    run.run_epoch()
+    assert not torch.equal(head, torch.cat([p.detach().reshape(-1) for p in run.model.head.parameters()]))
+    assert set(run.evaluate("val")) == {"acc"}
+
+
+def test_backbone_task_mismatch_errors(data, pretrained, violet_pretrained):
+    with pytest.raises(ValueError, match="holds a univl backbone"):
+        ft.FinetuneRun(cfg(backbone="violet"), data, pretrained)
+    with pytest.raises(ValueError, match="unknown task 'captioning' for backbone 'violet'"):
+        cfg(backbone="violet", task="captioning")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        cfg(backbone="clip")

@@ -1,7 +1,8 @@
-"""Fine-tune the pretrained UniVL-style backbone with a single task, MTL or MELTR (any solver).
+"""Fine-tune a pretrained backbone (UniVL- or Violet-style) with a single task, MTL or MELTR (any solver).
 
     python -m examples.meltr_video.finetune --task retrieval --method meltr --solver aid-fp-lite \
-        [--seed 0 --epochs 3 --K 3 --gamma 0.1 --meta-batch heldout|last10 \
+        [--backbone univl|violet --task retrieval|captioning|qa-mc|qa-oe \
+         --seed 0 --epochs 3 --K 3 --gamma 0.1 --meta-batch heldout|last10 \
          --pretrained runs/pretrain_tiny.pt --out runs/finetune/NAME --resume]
 
 Methods (all trained by :class:`bilevel.BilevelTrainer`, same optimizer, data order and epochs):
@@ -27,7 +28,7 @@ on a fresh training batch). ``PEER:METHOD`` (e.g. ``torchopt:cg``, ``torchopt:ne
 
 Output (``--out DIR``): ``DIR/results.json`` (config, per-epoch metrics and seconds, final test
 metrics, solver statistics, MELTR analysis), ``DIR/ckpt.pt`` (trainer checkpoint: resume with
-``--resume``), ``DIR/best.pt`` (the val-selected backbone, plus MELTR).
+``--resume``), ``DIR/best.pt`` (the val-selected model: the backbone, with the answer head for QA).
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import bilevel as bl
 
 from .data import Collate, DigitSplits, Tokenizer, make_digit_clips
 from .evaluate import caption_eval, retrieval_eval
 from .meltr import MELTR, MELTRObjectives, loss_gradient, response_curve
-from .univl import LOSS_NAMES, PRIMARY, UniVL
+from .qa import QACollate, QAModel, make_qa, qa_accuracy
+from .univl import LOSS_NAMES, PRIMARY, UniVL, UniVLConfig
+from .violet import LOSS_NAMES as VIOLET_LOSS_NAMES
+from .violet import PRIMARY as VIOLET_PRIMARY
+from .violet import Violet, VioletCollate, VioletConfig
 
 __all__ = [
     "METHODS",
@@ -66,6 +71,20 @@ __all__ = [
 ]
 
 METHODS = ("single", "mtl", "meltr")
+BACKBONES = ("univl", "violet")
+#: task -> primary loss, per backbone (the QA tasks add the answer loss "qa" to the backbone's losses)
+TASKS: dict[str, dict[str, str]] = {
+    "univl": {**PRIMARY, "qa-mc": "qa", "qa-oe": "qa"},
+    "violet": {**VIOLET_PRIMARY, "qa-mc": "qa", "qa-oe": "qa"},
+}
+#: the backbones' pretext losses (MELTR's inputs, in order)
+BACKBONE_LOSSES: dict[str, tuple[str, ...]] = {"univl": LOSS_NAMES, "violet": VIOLET_LOSS_NAMES}
+#: MELTR's sizes per backbone (MATH.md section 4: official code's UniVL and Violet configs)
+MELTR_SIZES: dict[str, dict[str, int]] = {
+    "univl": {"hidden": 128, "d_model": 256, "ff": 512},
+    "violet": {"hidden": 256, "d_model": 512, "ff": 512},
+}
+DEFAULT_PRETRAINED = {"univl": "runs/pretrain_tiny.pt", "violet": "runs/pretrain_violet.pt"}
 SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
 META_BATCH = ("heldout", "last10")
 _GENS = ("train_order", "train_masks", "meta_order", "meta_masks", "hvp_order", "hvp_masks")
@@ -76,7 +95,11 @@ class FinetuneConfig:
     """Settings of one fine-tuning run (all saved in the results JSON).
 
     Attributes:
-        task: ``"retrieval"`` (primary loss ``alignment``) or ``"captioning"`` (``decoder``).
+        task: ``"retrieval"`` (primary loss: UniVL ``alignment``, Violet ``vtm``), ``"captioning"``
+            (UniVL only, ``decoder``), ``"qa-mc"`` / ``"qa-oe"`` (video question answering, multiple
+            choice / open-ended, :mod:`~examples.meltr_video.qa`; primary loss ``qa``, the answer
+            cross-entropy, with the backbone's pretext losses on the clip's caption as auxiliaries).
+        backbone: ``"univl"`` or ``"violet"``; must match the checkpoint ``pretrained``.
         method: ``"single"``, ``"mtl"`` or ``"meltr"``.
         solver: hypergradient solver of MELTR (ignored by the baselines).
         K: one hyper step every K inner steps (``TrainerConfig.hyper_every``).
@@ -89,6 +112,7 @@ class FinetuneConfig:
     """
 
     task: str = "retrieval"
+    backbone: str = "univl"
     method: str = "meltr"
     solver: str = "aid-fp-lite"
     seed: int = 0
@@ -113,8 +137,12 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.task not in PRIMARY:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {list(PRIMARY)}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if self.task not in TASKS[self.backbone]:
+            raise ValueError(
+                f"unknown task {self.task!r} for backbone {self.backbone!r}; choose one of {list(TASKS[self.backbone])}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.solver not in SOLVERS and not _is_peer(self.solver):
@@ -142,11 +170,16 @@ class FinetuneConfig:
 
     @property
     def primary(self) -> str:
-        return PRIMARY[self.task]
+        return TASKS[self.backbone][self.task]
+
+    @property
+    def qa_kind(self) -> str | None:
+        """``"mc"`` / ``"oe"`` for the QA tasks, else None."""
+        return self.task[3:] if self.task.startswith("qa-") else None
 
     @property
     def name(self) -> str:
-        """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite``."""
+        """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite`` (the method and solver only)."""
         return f"meltr-{self.solver}" if self.method == "meltr" else self.method
 
 
@@ -260,9 +293,12 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def _score(task: str, m: Mapping[str, float]) -> tuple[float, ...]:
-    """Val model-selection key (larger is better): R@1, R@5, -MedR for retrieval; CIDEr, BLEU-4 for captioning."""
+    """Val model-selection key (larger is better): R@1, R@5, -MedR for retrieval; accuracy for QA;
+    CIDEr, BLEU-4 for captioning."""
     if task == "retrieval":
         return (m["R@1"], m["R@5"], -m["MedR"])
+    if task.startswith("qa-"):
+        return (m["acc"],)
     return (m["CIDEr"], m["BLEU-4"])
 
 
@@ -304,23 +340,30 @@ class FinetuneRun:
         for split in ("train", "val", "test") + (("meta",) if cfg.method == "meltr" else ()):
             if split not in self.data.splits:
                 raise KeyError(f"the data has no {split!r} split (has {list(self.data.splits)})")
+        kind = cfg.qa_kind
+        # the data the loaders and the evaluation see: the clips, or questions on them (QA tasks)
+        self.sets: dict[str, Any] = {
+            name: make_qa(ds, kind, seed=cfg.data_seed) if kind else ds for name, ds in self.data.splits.items()
+        }
         torch.manual_seed(cfg.seed)
-        self.backbone = UniVL(ucfg, tok.cls_id, tok.sep_id, tok.bos_id, tok.eos_id)
+        self.backbone = _build_backbone(cfg, ucfg, tok)
         self.backbone.load_state_dict(state)
-        self.meltr = MELTR(LOSS_NAMES) if cfg.method == "meltr" else None
-        self.obj = MELTRObjectives(self.backbone, self.meltr or MELTR(LOSS_NAMES), cfg.primary, cfg.gamma)
+        # the module trained: the backbone, or the backbone with an answer head (QA)
+        self.model: nn.Module = QAModel(self.backbone, kind) if kind else self.backbone
+        names = tuple(self.model.loss_names) if kind else BACKBONE_LOSSES[cfg.backbone]
+        sizes = MELTR_SIZES[cfg.backbone]
+        self.meltr = MELTR(names, **sizes) if cfg.method == "meltr" else None
+        self.obj = MELTRObjectives(self.model, self.meltr or MELTR(names, **sizes), cfg.primary, cfg.gamma)
         # Every source of randomness in the data has its own generator, seeded from cfg.seed, so that all
         # methods see the same training batches in the same order (hyper steps draw from their own
         # generators) and a resumed run continues the generators saved at the end of its last epoch.
         self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(_GENS)}
-        collate = Collate(tok, max_words=cfg.max_words)
-        collate.gen = self.gens["train_masks"]
 
         def make_loader(split: str, order: str, masks: str) -> torch.utils.data.DataLoader:
-            c = Collate(tok, max_words=cfg.max_words)
+            c = self.collate()
             c.gen = self.gens[masks]
             return torch.utils.data.DataLoader(
-                self.data[split], batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=c,
+                self.sets[split], batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=c,
                 generator=self.gens[order],
             )  # fmt: skip
 
@@ -343,29 +386,40 @@ class FinetuneRun:
         self.best: int | None = None
         self.best_state: dict[str, Tensor] | None = None
         self.test: dict[str, float] | None = None
-        self._fixed_batch = Collate(tok, max_words=cfg.max_words, seed=12345)(
-            [self.data["val"][i] for i in range(min(len(self.data["val"]), 32))]
+        self._fixed_batch = self.collate(seed=12345)(
+            [self.sets["val"][i] for i in range(min(len(self.sets["val"]), 32))]
         )
         self.out = Path(cfg.out) if cfg.out else None
         if self.out is not None and cfg.resume:
             self._resume()
 
     # ------------------------------------------------------------------ building
+    def collate(self, seed: int = 0) -> Any:
+        """The training collate of this backbone and task (masks seeded with ``seed``; ``.gen`` swappable)."""
+        cfg = self.cfg
+        if cfg.backbone == "violet":
+            base: Any = VioletCollate(self.tok, max_words=cfg.max_words, seed=seed)
+        else:
+            base = Collate(self.tok, max_words=cfg.max_words, seed=seed)
+        if cfg.qa_kind:
+            return QACollate(self.tok, cfg.qa_kind, max_words=cfg.max_words, seed=seed, base=base)
+        return base
+
     def _trainer(self) -> bl.BilevelTrainer:
         """The one place that turns (method, solver) into a :class:`bilevel.BilevelTrainer`."""
         cfg, obj = self.cfg, self.obj
-        opt = torch.optim.Adam(self.backbone.parameters(), lr=cfg.lr)
+        opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         tcfg = bl.TrainerConfig(hyper_every=cfg.K, meta_clip_grad_norm=cfg.meta_clip)
         if cfg.method == "single":
             primary = cfg.primary
             inner = bl.single_task_objective(lambda p, b: obj.backbone_fn(p, b, losses=(primary,))[primary])
-            return bl.BilevelTrainer(self.backbone, opt, inner, config=tcfg)
+            return bl.BilevelTrainer(self.model, opt, inner, config=tcfg)
         if cfg.method == "mtl":
-            return bl.BilevelTrainer(self.backbone, opt, bl.mtl_objective(obj.losses), config=tcfg)
+            return bl.BilevelTrainer(self.model, opt, bl.mtl_objective(obj.losses), config=tcfg)
         assert self.meltr is not None
         meta_opt = torch.optim.Adam(self.meltr.parameters(), lr=cfg.meta_lr, weight_decay=cfg.meta_weight_decay)
         return bl.BilevelTrainer(
-            self.backbone,
+            self.model,
             opt,
             obj.inner,
             outer=obj.outer,
@@ -389,6 +443,8 @@ class FinetuneRun:
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of the backbone on ``split`` (retrieval: R@k, MedR; captioning: BLEU, ROUGE-L, CIDEr[, METEOR])."""
         ds = self.data[split]
+        if self.cfg.qa_kind:
+            return qa_accuracy(self.model, self.sets[split], self.tok, self.cfg.qa_kind)
         if self.cfg.task == "retrieval":
             return retrieval_eval(self.backbone, ds, self.tok, max_words=self.cfg.max_words)
         try:
@@ -406,8 +462,8 @@ class FinetuneRun:
         with torch.enable_grad():
             w = loss_gradient(self.meltr, lv)
         return {
-            "losses": dict(zip(LOSS_NAMES, lv.tolist(), strict=True)),
-            "weights": dict(zip(LOSS_NAMES, w.tolist(), strict=True)),
+            "losses": dict(zip(self.meltr.task_names, lv.tolist(), strict=True)),
+            "weights": dict(zip(self.meltr.task_names, w.tolist(), strict=True)),
         }
 
     def run_epoch(self) -> dict[str, Any]:
@@ -436,7 +492,7 @@ class FinetuneRun:
         self.history.append(rec)
         if self.best is None or _score(cfg.task, val) > _score(cfg.task, self.history[self.best - 1]["val"]):
             self.best = rec["epoch"]
-            self.best_state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out is not None:
                 state = {"backbone": self.best_state, "epoch": self.best}
                 _atomic_write(self.out / "best.pt", lambda p: torch.save(state, p))
@@ -450,10 +506,10 @@ class FinetuneRun:
         """Test the val-selected backbone (once), add MELTR's response curves; returns the results dict."""
         if self.cfg.eval_test and self.test is None:
             assert self.best_state is not None, "no epoch was run"
-            current = {k: v.clone() for k, v in self.backbone.state_dict().items()}
-            self.backbone.load_state_dict(self.best_state)
+            current = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.best_state)
             self.test = self.evaluate("test")
-            self.backbone.load_state_dict(current)
+            self.model.load_state_dict(current)
         res = self.results()
         if self.meltr is not None:
             res["response"] = self.response()
@@ -468,8 +524,9 @@ class FinetuneRun:
         (``n`` points) with the others at the fixed val batch's losses (paper Fig. 3)."""
         assert self.meltr is not None
         lv = self.obj.losses(self.obj.params, self._fixed_batch).detach()
-        out: dict[str, Any] = {"base": dict(zip(LOSS_NAMES, lv.tolist(), strict=True)), "curves": {}}
-        for i, name in enumerate(LOSS_NAMES):
+        names = self.meltr.task_names
+        out: dict[str, Any] = {"base": dict(zip(names, lv.tolist(), strict=True)), "curves": {}}
+        for i, name in enumerate(names):
             x = torch.linspace(max(0.0, float(lv[i]) * (1 - span)), float(lv[i]) * (1 + span), n)
             y = response_curve(self.meltr, lv, name, x)
             out["curves"][name] = {"x": x.tolist(), "y": y.tolist()}
@@ -517,7 +574,8 @@ class FinetuneRun:
                     g.set_state(gens[k])
         if res_path.exists():
             prev = json.loads(res_path.read_text())
-            if prev["config"]["method"] != self.cfg.method or prev["config"]["solver"] != self.cfg.solver:
+            same = ("method", "solver", "task", "backbone")
+            if any(prev["config"].get(k, "univl" if k == "backbone" else None) != getattr(self.cfg, k) for k in same):
                 raise ValueError(f"{res_path} is from another run ({prev['name']}); use another --out")
             self.history = [h for h in prev["epochs"] if h["epoch"] <= self.trainer.epoch]
         if best_path.exists():
@@ -531,7 +589,21 @@ class FinetuneRun:
                 self.cfg.task, self.history[self.best - 1]["val"]
             ):
                 self.best = self.trainer.epoch
-                self.best_state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def _build_backbone(cfg: FinetuneConfig, mcfg: Any, tok: Tokenizer) -> nn.Module:
+    """The backbone of ``cfg.backbone`` from a pretrained config (``ValueError`` when they do not match)."""
+    kinds = {"univl": (UniVL, UniVLConfig), "violet": (Violet, VioletConfig)}
+    for name, (cls, config_cls) in kinds.items():
+        if isinstance(mcfg, config_cls):
+            if name != cfg.backbone:
+                raise ValueError(
+                    f"the pretrained checkpoint {cfg.pretrained} holds a {name} backbone, the run asks for "
+                    f"--backbone {cfg.backbone}; pass the matching --pretrained (default {DEFAULT_PRETRAINED})"
+                )
+            return cls(mcfg, tok.cls_id, tok.sep_id, tok.bos_id, tok.eos_id)
+    raise TypeError(f"unknown backbone config {type(mcfg).__name__}")
 
 
 def finetune(
@@ -559,7 +631,8 @@ def _fmt(m: Mapping[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--task", choices=list(PRIMARY), default="retrieval")
+    p.add_argument("--task", choices=sorted({t for ts in TASKS.values() for t in ts}), default="retrieval")
+    p.add_argument("--backbone", choices=BACKBONES, default="univl")
     p.add_argument("--method", choices=METHODS, default="meltr")
     p.add_argument("--solver", default="aid-fp-lite", help=f"one of {SOLVERS}, or PEER:METHOD (torchopt:cg, ...)")
     p.add_argument("--seed", type=int, default=0)
@@ -577,8 +650,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--val-size", type=int, default=200)
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--pretrained", default="runs/pretrain_tiny.pt")
-    p.add_argument("--out", default=None, help="run directory (default runs/finetune/TASK-NAME-sSEED)")
+    p.add_argument(
+        "--pretrained", default=None, help=f"pretrained checkpoint (default by backbone: {DEFAULT_PRETRAINED})"
+    )
+    p.add_argument("--out", default=None, help="run directory (default runs/finetune/BACKBONE-TASK-NAME-sSEED)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--no-progress", action="store_true")
@@ -587,14 +662,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = {"train": a.train_size, "meta": a.meta_size, "val": a.val_size, "test": a.test_size}
     try:
         cfg = FinetuneConfig(
-            task=a.task, method=a.method, solver=a.solver, seed=a.seed, epochs=a.epochs, K=a.K, gamma=a.gamma,
-            meta_batch=a.meta_batch, pretrained=a.pretrained, resume=a.resume, batch_size=a.batch_size, lr=a.lr,
-            meta_lr=a.meta_lr, iters=a.iters, alpha=a.alpha, data_seed=a.data_seed, sizes=sizes,
-            progress=not a.no_progress,
+            task=a.task, backbone=a.backbone, method=a.method, solver=a.solver, seed=a.seed, epochs=a.epochs,
+            K=a.K, gamma=a.gamma, meta_batch=a.meta_batch, pretrained=a.pretrained or DEFAULT_PRETRAINED[a.backbone],
+            resume=a.resume, batch_size=a.batch_size, lr=a.lr, meta_lr=a.meta_lr, iters=a.iters, alpha=a.alpha,
+            data_seed=a.data_seed, sizes=sizes, progress=not a.no_progress,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
-    cfg.out = a.out or f"runs/finetune/{a.task}-{cfg.name}-s{a.seed}"
+    cfg.out = a.out or f"runs/finetune/{a.backbone}-{a.task}-{cfg.name}-s{a.seed}"
     return finetune(cfg)
 
 
