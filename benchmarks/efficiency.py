@@ -240,8 +240,9 @@ def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str, s
         steps = sum(r["epochs"][-1]["inner_updates"] for r in rs)
         row["hyper_steps"] = hyper
         row["inner_updates"] = steps
-        row["negative_curvature"] = sum(e.get("negative_curvature", 0) for e in eps)
-        row["diverged"] = sum(e.get("diverged", 0) for e in eps)
+        peer = ":" in solver and method == "meltr"  # the peers detect neither: None, printed as "-"
+        row["negative_curvature"] = None if peer else sum(e.get("negative_curvature", 0) for e in eps)
+        row["diverged"] = None if peer else sum(e.get("diverged", 0) for e in eps)
         stages: dict[str, float] = {}
         for e in eps:
             for s, v in (e.get("hyper_seconds") or {}).items():
@@ -289,9 +290,13 @@ def markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str:
         tot = t.get("total", math.nan)
         lines.append(
             f"| {r['label']} | {r['hyper_steps']} | {' | '.join(cols)} | {tot:.0f} | {tot / meta['ms_inner']:.2f} "
-            f"| {r['negative_curvature']} | {r['diverged']} |"
+            f"| {_or_dash(r['negative_curvature'])} | {_or_dash(r['diverged'])} |"
         )
     return "\n".join(lines)
+
+
+def _or_dash(x: Any) -> str:
+    return "-" if x is None else str(x)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
