@@ -485,6 +485,22 @@ class BilevelTrainer:
         set_rng_state(mine["rng"])
         self._pending = mine
 
+    def restart_streams(self, *names: str) -> None:
+        """Let the next :meth:`fit` start the named data streams afresh instead of at the positions
+        restored by :meth:`load_state_dict`.
+
+        ``names``: any of ``"inner"`` (training batches), ``"outer"`` (meta batches) and ``"hvp"``
+        (StocBiO's HVP batches). Use it when each :meth:`fit` call is given new iterators, e.g. one
+        ``fit`` per epoch with loaders that are re-created (their positions would not apply). A no-op
+        for streams without a restored position; ``ValueError`` for an unknown name.
+        """
+        unknown = [n for n in names if n not in ("inner", "outer", "hvp")]
+        if unknown:
+            raise ValueError(f"unknown stream(s) {unknown}; streams are 'inner', 'outer' and 'hvp'")
+        if self._pending is not None:
+            for n in names:
+                self._pending["cursors"].pop(n, None)
+
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Save :meth:`state_dict` atomically to ``path`` (rank 0 writes; a collective call in distributed runs)."""
         state = self.state_dict()

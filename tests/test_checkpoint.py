@@ -156,3 +156,25 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(tmp_path
     diff = (_flat(final["model"]) - _flat(ref.model.state_dict())).abs().max()
     mdiff = (_flat(final["meta"]) - _flat(ref.meta_model.state_dict())).abs().max()
     assert diff <= 1e-12 and mdiff <= 1e-12, (kill_at, delay, float(diff), float(mdiff))
+
+
+def test_restart_streams_drops_restored_positions(tmp_path):
+    """restart_streams removes the restored position of the named streams only; unknown names raise."""
+    import bilevel as bl
+
+    model = torch.nn.Linear(2, 1)
+    trainer = bl.BilevelTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        bl.single_task_objective(lambda p, b: (p["weight"] ** 2).sum()),
+    )
+    batches = [torch.zeros(1)] * 4
+    trainer.fit(batches, max_steps=2, checkpoint_path=tmp_path / "c.pt", progress=False)
+    trainer.load_checkpoint(tmp_path / "c.pt")
+    assert set(trainer._pending["cursors"]) == {"inner"}
+    trainer.restart_streams("outer", "hvp")  # not there: a no-op
+    assert set(trainer._pending["cursors"]) == {"inner"}
+    trainer.restart_streams("inner")
+    assert trainer._pending["cursors"] == {}
+    with pytest.raises(ValueError, match="unknown stream"):
+        trainer.restart_streams("meta")

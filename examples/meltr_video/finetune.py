@@ -560,12 +560,9 @@ class FinetuneRun:
             return
         self.trainer.load_checkpoint(ckpt)
         # run_epoch calls fit once per epoch, and each fit starts fresh meta / HVP streams; a resumed
-        # fit would instead continue the streams saved in the checkpoint. Drop those positions so that
-        # a resumed run matches an uninterrupted one (relies on BilevelTrainer._pending, see README).
-        pending = getattr(self.trainer, "_pending", None)
-        if isinstance(pending, dict) and isinstance(pending.get("cursors"), dict):
-            for key in ("outer", "hvp"):
-                pending["cursors"].pop(key, None)
+        # fit would instead continue the streams saved in the checkpoint. Restart them so that a
+        # resumed run matches an uninterrupted one.
+        self.trainer.restart_streams("outer", "hvp")
         rng_path = self.out / "data_rng.pt"
         if rng_path.exists():
             gens = torch.load(rng_path, map_location="cpu", weights_only=True)
