@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,24 @@ class UniVLConfig:
         return asdict(self)
 
 
-def _encoder(cfg: UniVLConfig, layers: int) -> nn.TransformerEncoder:
+class EncoderConfig(Protocol):
+    """The fields the shared encoder blocks read (:class:`UniVLConfig` and ``VioletConfig`` have them)."""
+
+    vocab_size: int
+    hidden: int
+    heads: int
+    ff: int
+    dropout: float
+    max_text_len: int
+    max_frames: int
+    text_layers: int
+    cross_layers: int
+
+
+# The blocks below (text encoder, cross encoder, prediction head) are shared with the Violet-style backbone.
+
+
+def _encoder(cfg: EncoderConfig, layers: int) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(
         cfg.hidden, cfg.heads, cfg.ff, cfg.dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
     )
@@ -114,7 +131,7 @@ def _encoder(cfg: UniVLConfig, layers: int) -> nn.TransformerEncoder:
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, cfg: UniVLConfig):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.position_embeddings = nn.Embedding(cfg.max_text_len, cfg.hidden)
@@ -152,7 +169,7 @@ class VideoEncoder(nn.Module):
 
 
 class CrossEncoder(nn.Module):
-    def __init__(self, cfg: UniVLConfig):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.type_embeddings = nn.Embedding(2, cfg.hidden)
         self.position_embeddings = nn.Embedding(cfg.max_text_len + cfg.max_frames, cfg.hidden)
@@ -168,9 +185,13 @@ class CrossEncoder(nn.Module):
         x = self.norm(x + self.position_embeddings(pos))
         return self.encoder(x, src_key_padding_mask=~torch.cat([tm, vm], dim=1))
 
+    def pooled(self, h: Tensor) -> Tensor:
+        """[N, L, H] -> [N, H]: ``tanh(W h_[CLS] + b)``, the pooled state of the first position."""
+        return torch.tanh(self.pooler(h[:, 0]))
+
     def pooled_score(self, h: Tensor) -> Tensor:
-        """[N, L, H] -> [N]: the matching score from the first ([CLS]) position."""
-        return self.score(torch.tanh(self.pooler(h[:, 0]))).squeeze(-1)
+        """[N, L, H] -> [N]: the matching score ``w^T pooled + b`` from the first ([CLS]) position."""
+        return self.score(self.pooled(h)).squeeze(-1)
 
 
 class CaptionDecoder(nn.Module):
@@ -283,7 +304,7 @@ class UniVL(nn.Module):
             raise ValueError(f"fuse pairs text i with video i: got {text.shape[0]} texts and {video.shape[0]} videos")
         with sdpa_kernel(SDPBackend.MATH):
             h = self.cross(self.text(text, text_mask), text_mask, self.video(video, video_mask), video_mask)
-        return torch.tanh(self.cross.pooler(h[:, 0]))
+        return self.cross.pooled(h)
 
     def _empty_text(self, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
         ids = torch.tensor([[self.cls_id, self.sep_id]], device=device).expand(B, 2)

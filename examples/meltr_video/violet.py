@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import Collate, Tokenizer
+from .univl import CrossEncoder, TextEncoder, _encoder, _head
 
 __all__ = [
     "LOSS_NAMES",
@@ -358,34 +359,6 @@ class VioletCollate:
 # ------------------------------------------------------------------------------------- modules
 
 
-def _encoder(cfg: VioletConfig, layers: int) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(
-        cfg.hidden, cfg.heads, cfg.ff, cfg.dropout, activation="gelu", batch_first=True, layer_norm_eps=1e-12
-    )
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-
-def _head(hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12), nn.Linear(hidden, out))
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, cfg: VioletConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.position_embeddings = nn.Embedding(cfg.max_text_len, cfg.hidden)
-        self.norm = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.encoder = _encoder(cfg, cfg.text_layers)
-
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """``ids`` [B, L] long, ``mask`` [B, L] bool (True = token) -> [B, L, H]."""
-        if ids.shape[1] > self.position_embeddings.num_embeddings:
-            raise ValueError(f"text length {ids.shape[1]} > max_text_len {self.position_embeddings.num_embeddings}")
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.norm(self.word_embeddings(ids) + self.position_embeddings(pos))
-        return self.encoder(x, src_key_padding_mask=~mask)
-
-
 class PatchVideoEncoder(nn.Module):
     """Raw frames -> patch states: Linear patch embedding + spatial + temporal positions -> space-time layers."""
 
@@ -421,32 +394,6 @@ class PatchVideoEncoder(nn.Module):
         x = self.norm(x).reshape(B, nF * P, cfg.hidden)
         keep = mask[:, :, None].expand(B, nF, P).reshape(B, nF * P)
         return self.encoder(x, src_key_padding_mask=~keep).view(B, nF, P, cfg.hidden)
-
-
-class CrossEncoder(nn.Module):
-    def __init__(self, cfg: VioletConfig):
-        super().__init__()
-        self.type_embeddings = nn.Embedding(2, cfg.hidden)
-        self.position_embeddings = nn.Embedding(cfg.max_text_len + cfg.max_frames, cfg.hidden)
-        self.norm = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.encoder = _encoder(cfg, cfg.cross_layers)
-        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
-        self.score = nn.Linear(cfg.hidden, 1)
-
-    def forward(self, t: Tensor, tm: Tensor, v: Tensor, vm: Tensor) -> Tensor:
-        """Text states [N, Lt, H] (mask [N, Lt]) and frame tokens [N, F, H] (mask [N, F]) -> [N, Lt+F, H]."""
-        x = torch.cat([t + self.type_embeddings.weight[0], v + self.type_embeddings.weight[1]], dim=1)
-        pos = torch.arange(x.shape[1], device=x.device)
-        x = self.norm(x + self.position_embeddings(pos))
-        return self.encoder(x, src_key_padding_mask=~torch.cat([tm, vm], dim=1))
-
-    def pooled(self, h: Tensor) -> Tensor:
-        """[N, L, H] -> [N, H]: ``tanh(W h_[CLS] + b)``."""
-        return torch.tanh(self.pooler(h[:, 0]))
-
-    def pooled_score(self, h: Tensor) -> Tensor:
-        """[N, L, H] -> [N]: the matching score ``w^T pooled + b``."""
-        return self.score(self.pooled(h)).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------- backbone
