@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=160)
+    p.add_argument("--lr", type=float, default=1e-4, help="backbone (and answer head) Adam learning rate")
     p.add_argument("--val-size", type=int, default=100)
     p.add_argument("--test-size", type=int, default=200)
     p.add_argument("--pretrained", default=None, help=f"default by backbone: {DEFAULT_PRETRAINED}")
@@ -174,13 +175,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     except ValueError as e:
         p.error(str(e))
     sizes = {"train": a.train_size, "meta": 96, "val": a.val_size, "test": a.test_size}
-    base = {"task": a.task, "backbone": a.backbone, "epochs": a.epochs, "pretrained": a.pretrained, "sizes": sizes}
+    base = {
+        "task": a.task, "backbone": a.backbone, "epochs": a.epochs, "pretrained": a.pretrained, "sizes": sizes,
+        "lr": a.lr,
+    }  # fmt: skip
     t0 = time.perf_counter()
     out_root = a.out_root if (a.backbone, a.task) == ("univl", "retrieval") else a.out_root / f"{a.backbone}-{a.task}"
     res = run_rows(rows, a.seeds, base, out_root, reuse=a.reuse)
     setting = (
         f"digit clips (train {sizes['train']} / meta {sizes['meta']} / val {sizes['val']} / test {sizes['test']}), "
-        f"backbone `{a.pretrained}`, {a.epochs} epochs, {a.seeds} seeds, batch 16, Adam lr 1e-4 (backbone), "
+        f"backbone `{a.pretrained}`, {a.epochs} epochs, {a.seeds} seeds, batch 16, Adam lr {a.lr:g} (backbone), "
         f"MELTR Adam 1e-3, K=3, gamma=0.1, held-out meta split; test metrics of the val-selected epoch; "
         f"{time.perf_counter() - t0:.0f} s in this invocation."
     )
