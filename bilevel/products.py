@@ -38,9 +38,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._tree import Tree
-from .problem import BilevelProblem, check_finite
+from .problem import BilevelProblem, Objective, check_finite
 
 __all__ = ["HVPMode", "Linearization", "Reduce", "grad_tree", "leaves", "outer_gradients"]
 
@@ -102,8 +103,14 @@ class Linearization:
 
     Attributes:
         value: ``g(theta, phi)``, a 0-dim tensor (checked finite).
-        grad_theta: ``grad_theta g`` (a tree shaped like ``params``).
+        grad_theta: ``grad_theta g`` (a tree shaped like ``params``), without autograd history.
         n_hvp: number of Hessian-vector products evaluated so far.
+        params, hparams, batch, mode: the point, batch and mode it was built at (read-only).
+
+    One linearisation can serve both an inner update (``grad_theta``) and a hypergradient (pass it
+    as ``linearization=`` to an AID solver's ``hypergrad``), which saves the solver one forward and
+    backward pass of ``g``. Its retained graph refers to the storage of ``params``: use it before any
+    in-place update of them (autograd raises otherwise).
 
     ``reduce``, when given, is applied to every product (``H p`` and ``J v``): with an all-reduce
     mean over data-parallel ranks, the products are those of the rank-averaged objective.
@@ -125,6 +132,12 @@ class Linearization:
         self._params, self._hparams, self._batch, self._g, self.mode = params, hparams, batch, g, mode
         self.n_hvp = 0
         self._reduce = reduce or _identity
+        self._versions = [{k: v._version for k, v in tree.items()} for tree in (params, hparams)]
+        # the fused SDPA kernels have no double backward: the graph is built with the math kernel
+        with sdpa_kernel([SDPBackend.MATH]):
+            self._build(g, params, hparams, batch, mode)
+
+    def _build(self, g: Objective, params: Tree, hparams: Tree, batch: Any, mode: HVPMode) -> None:
         if mode == "autograd":
             with torch.enable_grad():
                 self._th, self._ph = leaves(params), leaves(hparams)
@@ -144,6 +157,28 @@ class Linearization:
         else:
             self.grad_theta, self.value = grad_g(params, hparams, batch)
         check_finite(self.value, "inner", "grad/Hessian of g")
+
+    @property
+    def params(self) -> Tree:
+        return self._params
+
+    @property
+    def hparams(self) -> Tree:
+        return self._hparams
+
+    @property
+    def batch(self) -> Any:
+        return self._batch
+
+    def modified(self) -> list[str]:
+        """Keys of ``params`` / ``hparams`` updated in place since the linearisation (their version
+        counter moved): products through the graph would be refused by autograd, or be stale."""
+        trees = zip((self._params, self._hparams), self._versions, strict=True)
+        return [k for tree, seen in trees for k, v in tree.items() if v._version != seen[k]]
+
+    def uses_reduce(self, reduce: Reduce | None) -> bool:
+        """Whether the products are reduced with ``reduce`` (None: not reduced)."""
+        return self._reduce is (reduce or _identity)
 
     def hvp(self, p: Tree) -> Tree:
         """``H p`` with ``H`` the Hessian of ``g`` in ``params`` (shape of ``params``)."""

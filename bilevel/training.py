@@ -59,8 +59,8 @@ from . import distributed as bdist
 from ._tree import Tree
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .problem import BilevelProblem, Objective
-from .products import Reduce
-from .solvers import Solver, StocBiO
+from .products import Linearization, Reduce
+from .solvers import AIDSolver, Solver, StocBiO
 
 __all__ = [
     "BilevelTrainer",
@@ -117,6 +117,12 @@ class TrainerConfig:
             fails (costs a copy of the inner model and optimizer state on such steps).
         distributed: average inner gradients and reduce hypergradients over the ranks of the
             default process group; None (default) = when one with more than one rank is initialised.
+        share_linearization: on hyper steps, linearise ``g`` once at ``(theta_k, phi)`` on the inner
+            batch (:class:`~bilevel.products.Linearization`): its ``grad_theta g`` makes the inner
+            update and its graph serves the AID solver, which saves one forward and backward pass of
+            ``g`` per hyper step. The hyper step then comes *before* that step's inner update (at
+            ``theta_k`` instead of ``theta_{k+1}``); other steps are unchanged. Needs an AID solver
+            (not ITD), ``inner_steps == 1`` and ``grad_accumulation == 1``.
     """
 
     hyper_every: int = 1
@@ -128,6 +134,7 @@ class TrainerConfig:
     on_nonfinite: Policy = "raise"
     rollback: bool = True
     distributed: bool | None = None
+    share_linearization: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("hyper_every", 1), ("inner_steps", 1), ("grad_accumulation", 1), ("warmup_steps", 0)):
@@ -142,6 +149,11 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.{name} must be None or a finite number > 0, got {value!r}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"TrainerConfig.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        if self.share_linearization and (self.inner_steps > 1 or self.grad_accumulation > 1):
+            raise ValueError(
+                "TrainerConfig.share_linearization needs inner_steps == 1 and grad_accumulation == 1: the shared "
+                "linearisation is the gradient of one inner update on one batch"
+            )
 
 
 class Callback:
@@ -359,6 +371,11 @@ class BilevelTrainer:
                 raise TypeError(f"solver must be a bilevel Solver (bl.get_solver(...)), got {type(solver).__name__}")
             if outer is None or meta_model is None or meta_optimizer is None:
                 raise ValueError("a solver needs outer=, meta_model= and meta_optimizer=")
+            if (config or TrainerConfig()).share_linearization and not isinstance(solver, AIDSolver):
+                raise ValueError(
+                    f"TrainerConfig.share_linearization needs an AID solver (aid-cg, aid-fp, aid-fp-lite, stocbio), "
+                    f"got {type(solver).__name__}"
+                )
         if meta_model is not None and not isinstance(meta_model, nn.Module):
             raise TypeError(f"meta_model must be an nn.Module, got {type(meta_model).__name__}")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -532,44 +549,61 @@ class BilevelTrainer:
         self._set_counters(snap["counters"])
         self._acc = snap["acc"]
 
-    def _fail(self, snap: dict[str, Any] | None, msg: str, level: str, loss: float | None) -> NonFiniteError:
+    def _fail(
+        self, snap: dict[str, Any] | None, msg: str, level: str, loss: float | None, inner_applied: bool = True
+    ) -> NonFiniteError:
+        """The error to raise; restores ``snap`` first. ``inner_applied``: an outer failure came after
+        this step's inner update (False with ``share_linearization``, whose hyper step comes first)."""
         if snap is not None:
             self._restore(snap)
-        state = (
-            "unchanged" if snap is not None or level == "inner" else "unchanged except the inner update of this step"
-        )
+        changed = snap is None and level == "outer" and inner_applied
+        state = "unchanged except the inner update of this step" if changed else "unchanged"
         return NonFiniteError(f"{msg}; models and optimizer states are {state}", self.step_count + 1, level, loss)
 
-    def _inner(self, batch: Any, completes: bool, snap: dict[str, Any] | None) -> tuple[float, bool]:
-        """One micro-batch: gradient accumulation and, when ``completes``, the inner update.
-        Returns (local loss value, whether an update was applied)."""
+    def _inner(
+        self, batch: Any, completes: bool, snap: dict[str, Any] | None, lin: Linearization | None = None
+    ) -> tuple[float, list[Tensor] | None]:
+        """One micro-batch's gradient (taken from ``lin`` when given), accumulated. Returns the local
+        loss value and, when ``completes`` and the summed (all-reduced) gradient is finite, that
+        gradient for :meth:`_update`; None otherwise (accumulating, or a skipped update)."""
         cfg, step = self.config, self.step_count + 1
-        named = dict(zip(self._names, self._params, strict=True))
-        loss = self._g(named, self.hparams, batch)
-        value = float(loss.detach())
-        if not math.isfinite(value) and cfg.on_nonfinite == "raise":
-            raise self._fail(
-                snap, f"step {step}: inner loss is non-finite ({value}) at the inner level", "inner", value
-            )
-        grads = torch.autograd.grad(loss / cfg.grad_accumulation, self._params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._params, strict=True)]
+        if lin is not None:
+            value = float(lin.value)
+            grads = [lin.grad_theta[n] for n in self._names]
+        else:
+            named = dict(zip(self._names, self._params, strict=True))
+            loss = self._g(named, self.hparams, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value) and cfg.on_nonfinite == "raise":
+                raise self._fail(
+                    snap, f"step {step}: inner loss is non-finite ({value}) at the inner level", "inner", value
+                )
+            grads = torch.autograd.grad(loss / cfg.grad_accumulation, self._params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._params, strict=True)]
         acc = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads, strict=True)]
         if not completes:
             self._acc, self._micro = acc, self._micro + 1
-            return value, False
+            return value, None
         total = bdist.all_reduce_mean_tensors(acc) if self.distributed else acc
         if not _finite(total):
             if cfg.on_nonfinite == "raise":
                 raise self._fail(
                     snap, f"step {step}: inner gradient is non-finite at the inner level (loss {value})", "inner", value
                 )
-            self._acc, self._micro = None, 0
-            self.skipped_inner += 1
-            return value, False
+            self._skip_inner()
+            return value, None
+        return value, total
+
+    def _skip_inner(self) -> None:
+        self._acc, self._micro = None, 0
+        self.skipped_inner += 1
+
+    def _update(self, total: list[Tensor]) -> None:
+        """The inner update with the (summed, all-reduced) gradient ``total``."""
         for p, gr in zip(self._params, total, strict=True):
             p.grad = gr.detach().to(p.dtype)
-        if cfg.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self._params, cfg.clip_grad_norm)
+        if self.config.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self._params, self.config.clip_grad_norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -577,18 +611,40 @@ class BilevelTrainer:
             p.grad = None
         self._acc, self._micro = None, 0
         self.inner_updates += 1
-        return value, True
 
-    def _hyper(self, inner_batch: Any, outer_batch: Any, snap: dict[str, Any] | None) -> dict[str, Any]:
+    def _linearize(self, batch: Any, snap: dict[str, Any] | None) -> Linearization | None:
+        """``g`` linearised at the current ``(theta, phi)`` for ``share_linearization``; None when ``g``
+        is non-finite under ``on_nonfinite="skip"`` (the step's inner update is then skipped)."""
+        assert self.problem is not None and isinstance(self.solver, AIDSolver)
+        try:
+            return Linearization(self.problem, self.params, self.hparams, batch, self.solver.hvp, self.reduce)
+        except FloatingPointError as exc:
+            if self.config.on_nonfinite == "raise":
+                raise self._fail(snap, f"step {self.step_count + 1}: {exc} (inner level)", "inner", None) from exc
+            self._skip_inner()
+            return None
+
+    def _hyper(
+        self, inner_batch: Any, outer_batch: Any, snap: dict[str, Any] | None, lin: Linearization | None = None
+    ) -> dict[str, Any]:
         assert self.solver is not None and self.problem is not None and self.meta_optimizer is not None
         step = self.step_count + 1
+        extra = {} if lin is None else {"linearization": lin}
         try:
             hg, info = self.solver.hypergrad(
-                self.problem, self.params, self.hparams, inner_batch, outer_batch, return_info=True, reduce=self.reduce
+                self.problem,
+                self.params,
+                self.hparams,
+                inner_batch,
+                outer_batch,
+                return_info=True,
+                reduce=self.reduce,
+                **extra,
             )
         except FloatingPointError as exc:
             if self.config.on_nonfinite == "raise":
-                raise self._fail(snap, f"step {step}: outer level (hyper step): {exc}", "outer", None) from exc
+                msg = f"step {step}: outer level (hyper step): {exc}"
+                raise self._fail(snap, msg, "outer", None, inner_applied=lin is None) from exc
             self.skipped_outer += 1
             return {"skipped": "outer"}
         norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in hg.values()))
@@ -627,18 +683,32 @@ class BilevelTrainer:
         multi = hyper or (completes and cfg.inner_steps > 1)
         snap = self._snapshot() if multi and cfg.on_nonfinite == "raise" and cfg.rollback else None
         skipped: str | None = None
-        losses = []
-        for _ in range(cfg.inner_steps if completes else 1):
-            value, updated = self._inner(inner_batch, completes, snap)
-            losses.append(value)
-            if completes and not updated:
+        metrics: dict[str, Any] = {"outer_loss": None, "hypergrad_norm": None}
+        if hyper and cfg.share_linearization:  # one linearisation: hyper step, then the inner update
+            lin = self._linearize(inner_batch, snap)
+            value, total = (float("nan"), None) if lin is None else self._inner(inner_batch, completes, snap, lin)
+            metrics["inner_loss"] = value
+            if total is None:
                 skipped, hyper = "inner", False
-                break
-        metrics: dict[str, Any] = {"inner_loss": losses[-1], "outer_loss": None, "hypergrad_norm": None}
-        if hyper:
-            out = self._hyper(inner_batch, outer_batch, snap)
-            skipped = out.pop("skipped", None)
-            metrics.update(out)
+            else:
+                out = self._hyper(inner_batch, outer_batch, snap, lin)
+                del lin  # its graph holds theta's storage, which the update changes in place
+                skipped = out.pop("skipped", None)
+                metrics.update(out)
+                self._update(total)
+        else:
+            for _ in range(cfg.inner_steps if completes else 1):
+                value, total = self._inner(inner_batch, completes, snap)
+                metrics["inner_loss"] = value
+                if total is not None:
+                    self._update(total)
+                elif completes:
+                    skipped, hyper = "inner", False
+                    break
+            if hyper:
+                out = self._hyper(inner_batch, outer_batch, snap)
+                skipped = out.pop("skipped", None)
+                metrics.update(out)
         self.step_count += 1
         if self.device_type == "cuda":
             torch.cuda.synchronize()

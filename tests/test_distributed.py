@@ -59,6 +59,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert err < 1e-12, (case, err)
     # averaging per-rank hypergradients is wrong: the check above can fail
     assert min(res["naive_average"].values()) > 1e-3
+    assert len(res["training"]) == 5  # aid-cg, aid-fp-lite, itd; aid-cg and aid-fp-lite with share_linearization
     for name, err in res["training"].items():
         assert err < 1e-12, (name, err)
     assert res["training_hyper_steps"] == 3

@@ -11,19 +11,22 @@ from benchmarks import efficiency
 pytestmark = pytest.mark.usefixtures("one_thread")  # small runs: one thread is faster on a shared CPU
 
 
-def test_tiny_table_has_all_six_rows(tmp_path):
+def test_tiny_table_has_all_rows(tmp_path):
     md = tmp_path / "results.md"
     md.write_text("# Results\n\n<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n")
     res = efficiency.main(["--tiny", "--no-progress", "--results", str(md), "--no-write", "--peers", "none"])
     rows = res["rows"]
-    assert [r["key"] for r in rows] == ["mtl", "itd", "stocbio", "aid-cg", "aid-fp", "aid-fp-lite"]
+    shared = ["stocbio+shared", "aid-cg+shared", "aid-fp+shared", "aid-fp-lite+shared"]
+    assert [r["key"] for r in rows] == ["mtl", "itd", *shared, "aid-fp-lite"]
     assert rows[0]["overhead_pct"] == 0.0
     for r in rows:
         assert r["seconds_per_epoch"] > 0 and math.isfinite(r["overhead_pct"])
         assert 0.0 <= r["R@1"][0] <= 100.0
     for r in rows[1:]:
         assert r["hyper_steps"] == 1 and r["ms_per_hyper_step"]["total"] > 0
+        assert ("linearize" in r["ms_per_hyper_step"]) == (r["key"] in ("aid-fp-lite",))  # ITD: no such stage
     assert rows[0]["hyper_steps"] == 0
+    assert rows[-1]["paper"] == rows[-2]["paper"] == efficiency.PAPER["aid-fp-lite"]
     # HVP counts: AID-FP-Lite and ITD need none, AID-FP / StocBiO use all 3
     text = efficiency.markdown(rows, "cmd", res["meta"])
     for label, *_ in efficiency.ROWS:
@@ -33,6 +36,12 @@ def test_tiny_table_has_all_six_rows(tmp_path):
     assert "keep me" in out and out.count(efficiency.BEGIN) == 1 and "| MELTR + AID-FP-Lite |" in out
     efficiency.write_section(md, "again")
     assert md.read_text().count(efficiency.BEGIN) == 1 and "again" in md.read_text()
+
+
+def test_no_share_runs_every_row_once_unshared():
+    rows = efficiency.no_share(efficiency.ROWS)
+    assert [r[2] for r in rows] == ["aid-fp-lite", "itd", "stocbio", "aid-cg", "aid-fp", "aid-fp-lite"]
+    assert not any(r[3] for r in rows)
 
 
 def test_write_section_keeps_notes(tmp_path):

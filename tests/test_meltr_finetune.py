@@ -122,6 +122,10 @@ def test_bad_config_is_rejected():
         ft.FinetuneConfig(sizes={"train": 8, "meta": 96, "val": 10, "test": 10})
     with pytest.raises(ValueError, match="K must"):
         ft.FinetuneConfig(K=0)
+    with pytest.raises(ValueError, match="share_linearization needs an AID solver"):
+        ft.FinetuneConfig(solver="itd", share_linearization=True)
+    assert ft.FinetuneConfig(share_linearization=True).name == "meltr-aid-fp-lite-shared"
+    ft.FinetuneConfig(method="mtl", solver="itd", share_linearization=True)  # ignored by the baselines
     with pytest.raises(FileNotFoundError, match="pretrain"):
         ft.FinetuneRun(ft.FinetuneConfig(pretrained="/nonexistent.pt"))
 

@@ -111,6 +111,80 @@ def test_one_step_equals_algorithm_1_by_hand():
 RIDGE_BATCHES = (RIDGE.inner_batch, RIDGE.outer_batch)
 
 
+@pytest.mark.parametrize("name", ["aid-cg", "aid-fp-lite"])
+def test_shared_linearization_takes_the_hyper_step_before_the_update_by_hand(name):
+    """share_linearization: phi1 = phi0 - mlr * hypergrad(theta0, phi0); theta1 = theta0 - lr grad g(theta0, phi0)."""
+    torch.manual_seed(0)
+    solver = bl.get_solver(name, **({"iters": 30, "tol": 1e-14} if name == "aid-cg" else {}))
+    model = nn.ParameterDict({"w": nn.Parameter(torch.randn(10, dtype=F64))})
+    meta = nn.ParameterDict({"lam": nn.Parameter(torch.randn(10, dtype=F64))})
+    theta0, phi0 = model["w"].detach().clone(), meta["lam"].detach().clone()
+    tr = BilevelTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), RIDGE.inner, outer=outer_reg, meta_model=meta,
+        meta_optimizer=torch.optim.SGD(meta.parameters(), lr=0.5), solver=solver,
+        config=TrainerConfig(share_linearization=True),
+    )  # fmt: skip
+    m = tr.step(*RIDGE_BATCHES)
+    w = theta0.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(RIDGE.inner({"w": w}, {"lam": phi0}, RIDGE.inner_batch), w)
+    hg = solver.hypergrad(bl.BilevelProblem(RIDGE.inner, outer_reg), {"w": theta0}, {"lam": phi0}, *RIDGE_BATCHES)
+    torch.testing.assert_close(model["w"].detach(), theta0 - 0.1 * gw, rtol=0, atol=1e-15)
+    torch.testing.assert_close(meta["lam"].detach(), phi0 - 0.5 * hg["lam"], rtol=0, atol=1e-15)
+    assert m["hyper"] and "linearize" not in m["hypergrad_info"].times
+    assert m["inner_loss"] == pytest.approx(float(RIDGE.inner({"w": theta0}, {"lam": phi0}, RIDGE.inner_batch)))
+
+
+@pytest.mark.parametrize("name", ["aid-cg", "aid-fp", "aid-fp-lite", "stocbio"])
+def test_shared_linearization_saves_one_evaluation_of_g_per_hyper_step(name):
+    opts = {"aid-cg": {"iters": 3, "on_negative_curvature": "ignore"}, "aid-fp": {"iters": 3, "alpha": 0.1}}
+    opts["stocbio"] = {"iters": 3, "alpha": 0.1}
+    counts = {}
+    for share in (False, True):
+        calls: list[int] = []
+        tr = meltr_like(bl.get_solver(name, **opts.get(name, {})), calls, share_linearization=share)
+        meta_before = [p.detach().clone() for p in tr.meta_model.parameters()]
+        for i in range(6):
+            tr.step(_mlp_data(seed=i), _mlp_data(seed=100 + i))
+        assert tr.hyper_steps == 3 and tr.inner_updates == 6
+        assert any(not torch.equal(a, b) for a, b in zip(meta_before, tr.meta_model.parameters(), strict=True))
+        counts[share] = len(calls)
+    assert counts[False] - counts[True] == 3  # StocBiO without batches: its HVPs use the shared graph too
+
+
+def test_shared_linearization_config_errors():
+    with pytest.raises(ValueError, match="share_linearization needs inner_steps == 1"):
+        TrainerConfig(share_linearization=True, inner_steps=2)
+    with pytest.raises(ValueError, match="share_linearization needs inner_steps == 1"):
+        TrainerConfig(share_linearization=True, grad_accumulation=2)
+    with pytest.raises(ValueError, match=r"share_linearization needs an AID solver .* got ITD"):
+        meltr_like(bl.get_solver("itd", steps=1), share_linearization=True)
+
+
+def test_shared_linearization_nonfinite_policies():
+    tr = adam_ridge(share_linearization=True)
+    tr.step(*RIDGE_BATCHES)
+    before = _snapshot(tr)
+    with pytest.raises(NonFiniteError, match=r"step 2: inner objective g is non-finite.*inner level") as ei:
+        tr.step(_nan_batch(RIDGE.inner_batch), RIDGE.outer_batch)  # step 2 is a hyper step
+    assert ei.value.level == "inner"
+    _assert_same(before, _snapshot(tr))
+    tr = adam_ridge(share_linearization=True, rollback=False)
+    tr.step(*RIDGE_BATCHES)
+    before = _snapshot(tr)
+    with pytest.raises(NonFiniteError, match=r"states are unchanged$"):  # the hyper step came first
+        tr.step(RIDGE.inner_batch, _nan_batch(RIDGE.outer_batch))
+    _assert_same(before, _snapshot(tr))
+    tr = adam_ridge(share_linearization=True, on_nonfinite="skip")
+    tr.step(*RIDGE_BATCHES)
+    theta, phi = tr.params["w"].clone(), tr.hparams["lam"].clone()
+    m = tr.step(_nan_batch(RIDGE.inner_batch), RIDGE.outer_batch)
+    assert m["skipped"] == "inner" and not m["hyper"] and tr.skipped_inner == 1 and tr.hyper_steps == 0
+    assert torch.equal(tr.params["w"], theta) and torch.equal(tr.hparams["lam"], phi)
+    m = tr.step(RIDGE.inner_batch, _nan_batch(RIDGE.outer_batch))  # step 3 (2nd update): outer skipped
+    assert m["skipped"] == "outer" and tr.skipped_outer == 1 and tr.inner_updates == 2
+    assert torch.equal(tr.hparams["lam"], phi) and not torch.equal(tr.params["w"], theta)
+
+
 @settings(max_examples=15, deadline=None)
 @given(k=st.integers(1, 4), warmup=st.integers(0, 6), n=st.integers(1, 14))
 def test_hyper_step_schedule(k, warmup, n):
@@ -168,8 +242,9 @@ def test_mtl_objective_sums_and_validates():
         mtl_objective(losses, [1.0, 1.0])({}, {}, None)
 
 
-def meltr_like(solver):
-    """A backbone MLP and a small meta-network that combines its three losses (MELTR's shape)."""
+def meltr_like(solver, calls=None, **cfg):
+    """A backbone MLP and a small meta-network that combines its three losses (MELTR's shape).
+    ``calls``: a list that gets one entry per evaluation of ``g``."""
     model = _mlp()
     meta = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     _, fn = bl.functional_module(model)
@@ -177,6 +252,8 @@ def meltr_like(solver):
     losses = _mlp_losses(fn)
 
     def g(p, h, b):
+        if calls is not None:
+            calls.append(1)
         L = losses(p, b)
         return L[0] + nn.functional.softplus(meta_fn(h, L[None])).sum() * L[1:].sum()
 
@@ -186,7 +263,7 @@ def meltr_like(solver):
     return BilevelTrainer(
         model, torch.optim.AdamW(model.parameters(), lr=1e-2), g, outer=f, meta_model=meta,
         meta_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-2), solver=solver,
-        config=TrainerConfig(hyper_every=2, meta_clip_grad_norm=50.0),
+        config=TrainerConfig(hyper_every=2, meta_clip_grad_norm=50.0, **cfg),
     )  # fmt: skip
 
 

@@ -75,6 +75,30 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def _same_batch(a: Any, b: Any) -> bool:
+    """Whether two batches hold the same data: the same object, or containers (tuple, list, dict) of
+    equal structure whose tensors are equal (``torch.equal``) and whose other leaves compare equal."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_batch, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_batch(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a meaningful ==
+        return False
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -89,6 +113,7 @@ class Solver(ABC):
 
     name: ClassVar[str]
     _reduce: Reduce | None = None
+    _linearization: Linearization | None = None
 
     @overload
     def hypergrad(
@@ -101,6 +126,7 @@ class Solver(ABC):
         *,
         return_info: Literal[False] = False,
         reduce: Reduce | None = None,
+        linearization: Linearization | None = None,
     ) -> Tree: ...
 
     @overload
@@ -114,6 +140,7 @@ class Solver(ABC):
         *,
         return_info: Literal[True],
         reduce: Reduce | None = None,
+        linearization: Linearization | None = None,
     ) -> tuple[Tree, HypergradInfo]: ...
 
     def hypergrad(
@@ -126,6 +153,7 @@ class Solver(ABC):
         *,
         return_info: bool = False,
         reduce: Reduce | None = None,
+        linearization: Linearization | None = None,
     ) -> Tree | tuple[Tree, HypergradInfo]:
         """Estimate ``dF/dhparams`` at ``(params, hparams)``.
 
@@ -141,26 +169,39 @@ class Solver(ABC):
                 HVP and the mixed product, so that with each rank holding 1/N of each batch the
                 result is the hypergradient of the whole batch (not an average of per-rank
                 hypergradients). ITD averages each unrolled step's gradient over ranks instead.
+            linearization: AID solvers only: a :class:`~bilevel.products.Linearization` of ``g`` at
+                exactly these ``(params, hparams)`` on ``inner_batch``, built with the solver's ``hvp``
+                mode and the same ``reduce``, e.g. by the training loop's inner step, whose
+                ``grad_theta`` then serves both the inner update and the hypergradient. It replaces the
+                solver's own ``grad_theta g`` evaluation (the ``"linearize"`` stage: one forward and
+                backward of ``g``); the result is the same. Take the hypergradient before any in-place
+                update of ``params``: autograd refuses a graph whose saved tensors were modified.
 
         Returns:
             a dict with the keys, shapes, dtype and device of ``hparams``, without autograd history.
 
         Raises:
             TypeError / ValueError: malformed or empty dicts, mixed dtypes or devices, an objective
-                that does not return a 0-dim floating tensor.
+                that does not return a 0-dim floating tensor, a ``linearization`` given to ITD or taken
+                at another point, batch, mode or ``reduce``.
             FloatingPointError: a non-finite objective or hypergradient.
         """
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
         _, device = check_trees(params, hparams)
         info = HypergradInfo(solver=self.name)
-        self._reduce = reduce
+        if linearization is not None:
+            self._check_linearization(linearization, params, hparams, inner_batch, reduce)
+        self._reduce, self._linearization = reduce, linearization
         self._sync = device.type == "cuda"
         start = time.perf_counter()
         # Second derivatives through attention: the fused SDPA kernels (flash / memory-efficient) have no
         # double backward, so attention is computed by the math kernel while a hypergradient is taken.
-        with sdpa_kernel([SDPBackend.MATH]):
-            hg = self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, info)
+        try:
+            with sdpa_kernel([SDPBackend.MATH]):
+                hg = self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, info)
+        finally:
+            self._linearization = None  # never keep the caller's graph alive past the call
         if self._sync:
             torch.cuda.synchronize(device)
         info.times["total"] = time.perf_counter() - start
@@ -169,6 +210,14 @@ class Solver(ABC):
             raise FloatingPointError(f"{self.name}: the hypergradient is non-finite for hparams {bad}")
         hg = tree_detach(hg)
         return (hg, info) if return_info else hg
+
+    def _check_linearization(
+        self, lin: Any, params: Tree, hparams: Tree, inner_batch: Any, reduce: Reduce | None
+    ) -> None:
+        raise ValueError(
+            f"{self.name}: linearization= is for the AID solvers (aid-cg, aid-fp, aid-fp-lite, stocbio); "
+            f"{type(self).__name__} does not linearise g"
+        )
 
     @contextmanager
     def _stage(self, info: HypergradInfo, key: str) -> Iterator[None]:
@@ -193,18 +242,41 @@ class Solver(ABC):
 class AIDSolver(Solver):
     """Approximate implicit differentiation: ``grad F ~ grad_phi f - J v`` with ``v ~ H^{-1} grad_theta f``.
 
-    Cost: one gradient of ``f``, one gradient of ``g`` with its graph, ``n_hvp`` HVPs and one mixed
-    product. Peak memory: one first-order graph of ``g``, independent of the iteration count.
+    Cost: one gradient of ``f``, one gradient of ``g`` with its graph (none when the caller passes
+    its own ``linearization``), ``n_hvp`` HVPs and one mixed product. Peak memory: one first-order
+    graph of ``g``, independent of the iteration count.
     Subclasses implement :meth:`solve`.
     """
 
     hvp: HVPMode
 
+    def _check_linearization(self, lin, params, hparams, inner_batch, reduce):
+        where = f"{self.name}: linearization="
+        if not isinstance(lin, Linearization):
+            raise TypeError(f"{where} must be a bilevel.products.Linearization, got {type(lin).__name__}")
+        if lin.mode != self.hvp:
+            raise ValueError(f"{where} was built with hvp mode {lin.mode!r}, this solver uses {self.hvp!r}")
+        if not _same_batch(lin.batch, inner_batch):
+            raise ValueError(f"{where} was built on another batch than inner_batch")
+        if not lin.uses_reduce(reduce):
+            raise ValueError(f"{where} was built with another reduce= than this call's")
+        stale = lin.modified()
+        if stale:
+            raise ValueError(f"{where} is stale: {stale[:3]} were updated in place after it was built")
+        for tname, given, held in (("params", params, lin.params), ("hparams", hparams, lin.hparams)):
+            if given.keys() != held.keys():
+                raise ValueError(f"{where} has {tname} keys {sorted(held)}, this call {sorted(given)}")
+            moved = [k for k in given if not torch.equal(given[k], held[k])]
+            if moved:
+                raise ValueError(f"{where} was taken at other {tname} values ({moved[:3]} differ)")
+
     def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
         with self._stage(info, "grad_outer"):
             f_val, f_theta, f_phi = outer_gradients(problem, params, hparams, outer_batch, self._reduce, self.hvp)
-        with self._stage(info, "linearize"):
-            lin = Linearization(problem, params, hparams, inner_batch, self.hvp, self._reduce)
+        lin = self._linearization
+        if lin is None:
+            with self._stage(info, "linearize"):
+                lin = Linearization(problem, params, hparams, inner_batch, self.hvp, self._reduce)
         with self._stage(info, "solve"):
             v = self.solve(problem, lin, f_theta, params, hparams, info)
         with self._stage(info, "mixed"):

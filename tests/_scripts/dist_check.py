@@ -97,7 +97,7 @@ def main() -> None:
                 out.setdefault("naive_average", {})[case] = rel(all_reduce_mean(local), full)
 
     # ---- training: N-rank trainer on shards vs a 1-process trainer on whole batches
-    def trainer(solver, distributed):
+    def trainer(solver, distributed, share=False):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 2)).double()
         if distributed:  # a different start on rank 1: the trainer must broadcast rank 0's parameters
@@ -119,7 +119,10 @@ def main() -> None:
 
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         mopt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        cfg = TrainerConfig(hyper_every=2, clip_grad_norm=1.0, meta_clip_grad_norm=1.0, distributed=distributed)
+        cfg = TrainerConfig(
+            hyper_every=2, clip_grad_norm=1.0, meta_clip_grad_norm=1.0, distributed=distributed,
+            share_linearization=share,
+        )  # fmt: skip
         f2 = lambda p, h, b: losses2(p, b)[:, 0].mean()  # noqa: E731
         return BilevelTrainer(model, opt, g2, outer=f2, meta_model=m, meta_optimizer=mopt, solver=solver, config=cfg)
 
@@ -129,12 +132,15 @@ def main() -> None:
 
     batches = [(data(16, 100 + i), data(16, 200 + i)) for i in range(6)]
     train_solvers = {"aid-cg": dict(iters=10, on_negative_curvature="ignore"), "aid-fp-lite": {}, "itd": dict(steps=3)}
-    for name, opts in train_solvers.items():
-        ref, par = trainer(bl.get_solver(name, **opts), False), trainer(bl.get_solver(name, **opts), True)
+    train_solvers |= {"aid-cg+share": train_solvers["aid-cg"], "aid-fp-lite+share": {}}  # share_linearization
+    for key, opts in train_solvers.items():
+        name, share = key.removesuffix("+share"), key.endswith("+share")
+        ref = trainer(bl.get_solver(name, **opts), False, share)
+        par = trainer(bl.get_solver(name, **opts), True, share)
         for bi, bo in batches:
             ref.step(bi, bo)
             par.step(shard(bi), shard(bo))
-        out["training"][name] = rel(flat(par), flat(ref))
+        out["training"][key] = rel(flat(par), flat(ref))
         out["training_hyper_steps"] = par.hyper_steps
 
     # ---- a collective checkpoint, then resume in a new trainer
