@@ -52,22 +52,27 @@ BEGIN, END = "<!-- BEGIN table8 -->", "<!-- END table8 -->"
 NOTES = "<!-- notes -->"
 ROOT = Path(__file__).resolve().parent.parent
 
-# (row label, method, solver)
-ROWS: list[tuple[str, str, str]] = [
-    ("MTL", "mtl", "aid-fp-lite"),
-    ("MELTR + ITD (1-step look-ahead)", "meltr", "itd"),
-    ("MELTR + StocBiO", "meltr", "stocbio"),
-    ("MELTR + AID-CG", "meltr", "aid-cg"),
-    ("MELTR + AID-FP (Neumann)", "meltr", "aid-fp"),
-    ("MELTR + AID-FP-Lite", "meltr", "aid-fp-lite"),
+# (row label, method, solver, share_linearization). The AID rows share the inner step's linearisation
+# (bilevel.TrainerConfig.share_linearization: the hyper step comes before that step's inner update and
+# reuses its grad_theta g graph); the last row is AID-FP-Lite without it (the hyper step after the
+# update, as in the paper's code), so the table shows what sharing saves. --no-share turns it off.
+Row = tuple[str, str, str, bool]
+ROWS: list[Row] = [
+    ("MTL", "mtl", "aid-fp-lite", False),
+    ("MELTR + ITD (1-step look-ahead)", "meltr", "itd", False),
+    ("MELTR + StocBiO", "meltr", "stocbio", True),
+    ("MELTR + AID-CG", "meltr", "aid-cg", True),
+    ("MELTR + AID-FP (Neumann)", "meltr", "aid-fp", True),
+    ("MELTR + AID-FP-Lite", "meltr", "aid-fp-lite", True),
+    ("MELTR + AID-FP-Lite, not shared (hyper step after the update)", "meltr", "aid-fp-lite", False),
 ]
 # Peers in the same loop (benchmarks.peers.PeerSolver): rows without a paper figure. betty's CG is left
 # out of "auto": betty 0.2.1 builds each CG direction from the old residual (see benchmarks/peers.py).
-PEER_ROWS: list[tuple[str, str, str]] = [
-    ("torchopt: implicit diff., CG", "meltr", "torchopt:cg"),
-    ("betty: implicit diff., Neumann", "meltr", "betty:neumann"),
-    ("torchopt: implicit diff., Neumann", "meltr", "torchopt:neumann"),
-    ("betty: implicit diff., CG (betty 0.2.1's CG)", "meltr", "betty:cg"),
+PEER_ROWS: list[Row] = [
+    ("torchopt: implicit diff., CG", "meltr", "torchopt:cg", False),
+    ("betty: implicit diff., Neumann", "meltr", "betty:neumann", False),
+    ("torchopt: implicit diff., Neumann", "meltr", "torchopt:neumann", False),
+    ("betty: implicit diff., CG (betty 0.2.1's CG)", "meltr", "betty:cg", False),
 ]
 PEERS_AUTO = ("torchopt:cg", "betty:neumann")
 # Paper Table 8 (UniVL on YouCook2 text-to-video retrieval): R@1, seconds per epoch, overhead %.
@@ -84,7 +89,17 @@ FULL = {"seeds": 3, "epochs": 5, "train": 320, "meta": 96, "val": 200, "test": 3
 TINY = {"seeds": 1, "epochs": 1, "train": 16, "meta": 8, "val": 8, "test": 8, "preset": None}
 
 
-def peer_rows(spec: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+def no_share(rows: list[Row]) -> list[Row]:
+    """``rows`` with ``share_linearization`` off everywhere (``--no-share``), duplicates dropped."""
+    out: list[Row] = []
+    for label, method, solver, _ in rows:
+        if any(_key(m, s, sh) == _key(method, solver, False) for _, m, s, sh in out):
+            continue
+        out.append((label, method, solver, False))
+    return out
+
+
+def peer_rows(spec: str) -> tuple[list[Row], list[str]]:
     """The peer rows selected by ``--peers`` and notes on the ones skipped.
 
     ``spec``: ``"auto"`` (:data:`PEERS_AUTO`, those whose library imports), ``"none"``, ``"all"``
@@ -93,7 +108,7 @@ def peer_rows(spec: str) -> tuple[list[tuple[str, str, str]], list[str]]:
     """
     from benchmarks.peers import available
 
-    known = {solver: (label, m, solver) for label, m, solver in PEER_ROWS}
+    known = {row[2]: row for row in PEER_ROWS}
     if spec == "none":
         return [], []
     if spec in ("auto", "all"):
@@ -112,8 +127,8 @@ def peer_rows(spec: str) -> tuple[list[tuple[str, str, str]], list[str]]:
                 raise ImportError(f"--peers {n}: {peer} does not import (scripts/install_peers.sh installs it)")
             skipped.append(f"{n} (does not import)")
             continue
-        label, m, solver = known[n]
-        rows.append((f"{label} [{peer} {versions[peer]}]", m, solver))
+        label, m, solver, share = known[n]
+        rows.append((f"{label} [{peer} {versions[peer]}]", m, solver, share))
     return rows, skipped
 
 
@@ -126,7 +141,9 @@ def profile(pre: tuple[Any, Any, Any], data: DigitSplits, sizes: dict[str, int],
     from torch.profiler import profile as tprofile
 
     blocks = []
-    for _, method, solver in ROWS:
+    for _, method, solver, share in ROWS:
+        if share:  # the profile times a solver's hypergradient alone, where sharing has nothing to share
+            continue
         cfg = FinetuneConfig(method=method, solver=solver, iters=iters, sizes=sizes, epochs=1, progress=False)
         run = FinetuneRun(cfg, data, pre)
         tr = run.trainer
@@ -156,8 +173,9 @@ def profile(pre: tuple[Any, Any, Any], data: DigitSplits, sizes: dict[str, int],
     return "\n\n".join(blocks)
 
 
-def _key(method: str, solver: str) -> str:
-    return "mtl" if method == "mtl" else solver
+def _key(method: str, solver: str, share: bool) -> str:
+    """The row's name in results and plots: ``mtl``, the solver, ``+shared`` for a shared linearisation."""
+    return "mtl" if method == "mtl" else solver + ("+shared" if share else "")
 
 
 def _real_splits(
@@ -189,22 +207,22 @@ def run_table(
     pretrained: tuple[Any, Any, Any],
     data: DigitSplits | None = None,
     progress: bool = True,
-    rows: list[tuple[str, str, str]] | None = None,
+    rows: list[Row] | None = None,
     batch_size: int = 16,
 ) -> dict[str, Any]:
     """Run every row for ``seeds`` seeds, epochs interleaved; returns per-row aggregates and raw results."""
     rows = ROWS if rows is None else rows
     data = data if data is not None else make_digit_clips(0, sizes=sizes)
-    raw: dict[str, list[dict[str, Any]]] = {_key(m, s): [] for _, m, s in rows}
+    raw: dict[str, list[dict[str, Any]]] = {_key(m, s, sh): [] for _, m, s, sh in rows}
     bar = tqdm(total=seeds * epochs * len(rows), desc="table 8 (row-epochs)", disable=not progress)
     for seed in range(seeds):
         runs = {}
-        for _, method, solver in rows:
+        for _, method, solver, share in rows:
             cfg = FinetuneConfig(
                 task="retrieval", method=method, solver=solver, seed=seed, epochs=epochs, K=K, iters=iters,
-                sizes=sizes, batch_size=batch_size, progress=False,
+                sizes=sizes, batch_size=batch_size, share_linearization=share, progress=False,
             )  # fmt: skip
-            runs[_key(method, solver)] = FinetuneRun(cfg, data, pretrained)
+            runs[_key(method, solver, share)] = FinetuneRun(cfg, data, pretrained)
         keys = list(runs)
         for ep in range(epochs):
             shift = (seed * epochs + ep) % len(keys)
@@ -222,13 +240,13 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[Row]) -> list[dict[str, Any]]:
     """Per row: test R@1/R@5/MedR mean and std, median epoch seconds, overhead vs MTL, hyper-step breakdown."""
     med = {k: statistics.median([t for r in rs for t in r["epoch_seconds"]]) for k, rs in raw.items()}
     base = med.get("mtl")
     out = []
-    for label, method, solver in rows:
-        k = _key(method, solver)
+    for label, method, solver, share in rows:
+        k = _key(method, solver, share)
         rs = raw[k]
         row: dict[str, Any] = {"label": label, "key": k, "seconds_per_epoch": med[k]}
         for metric in ("R@1", "R@5", "MedR"):
@@ -248,7 +266,7 @@ def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str, s
             for s, v in (e.get("hyper_seconds") or {}).items():
                 stages[s] = stages.get(s, 0.0) + v
         row["ms_per_hyper_step"] = {s: 1000 * v / hyper for s, v in stages.items()} if hyper else {}
-        row["paper"] = PAPER.get(k)  # None for the peers' rows
+        row["paper"] = PAPER.get(_key(method, solver, False))  # None for the peers' rows
         out.append(row)
     return out
 
@@ -353,6 +371,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="auto",
         help="peer rows: auto (torchopt:cg, betty:neumann where they import), all, none, or a comma list",
     )
+    p.add_argument(
+        "--no-share", action="store_true",
+        help="AID rows without share_linearization (every hyper step after its inner update, as in the paper)",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step per row, then exit")
     a = p.parse_args(argv)
     if a.data == "msrvtt" and not (a.features and a.csv):
@@ -399,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = profile(pre, data, sizes, a.iters)
         print(text)
         return {"profile": text}
-    rows_spec = ROWS + extra
+    rows_spec = no_share(ROWS + extra) if a.no_share else ROWS + extra
     res = run_table(seeds, epochs, a.K, a.iters, sizes, pre, data, progress, rows=rows_spec, batch_size=batch)
     rows = res["rows"]
     mtl = rows[0]

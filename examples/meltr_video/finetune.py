@@ -86,6 +86,7 @@ MELTR_SIZES: dict[str, dict[str, int]] = {
 }
 DEFAULT_PRETRAINED = {"univl": "runs/pretrain_tiny.pt", "violet": "runs/pretrain_violet.pt"}
 SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
+AID_SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "stocbio")  # those that take a shared linearisation
 META_BATCH = ("heldout", "last10")
 _GENS = ("train_order", "train_masks", "meta_order", "meta_masks", "hvp_order", "hvp_masks")
 
@@ -106,6 +107,10 @@ class FinetuneConfig:
         gamma: weight of MELTR's regulariser ``|sum_t L_t - L_aux|`` in ``f``.
         meta_batch: ``"heldout"`` (the ``meta`` split) or ``"last10"`` (official code).
         iters, alpha: solver options (see the module docstring).
+        share_linearization: MELTR with an AID solver: one linearisation of ``g`` per hyper step serves
+            both the inner update and the hypergradient, the hyper step coming before that step's
+            inner update (``bilevel.TrainerConfig.share_linearization``); saves one forward and
+            backward pass of the backbone per hyper step.
         lr: backbone Adam learning rate; meta_lr / meta_weight_decay / meta_clip: MELTR's Adam and
             hypergradient clipping (official code: 1e-3, 3e-5, 50).
         sizes: clips in the train / meta / val / test splits of the digit data (``data_seed``).
@@ -130,6 +135,7 @@ class FinetuneConfig:
     meta_clip: float = 50.0
     iters: int = 3
     alpha: float = 0.01
+    share_linearization: bool = False
     data_seed: int = 0
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 160, "meta": 96, "val": 200, "test": 300})
     max_words: int = 20
@@ -148,6 +154,11 @@ class FinetuneConfig:
         if self.solver not in SOLVERS and not _is_peer(self.solver):
             raise ValueError(
                 f"unknown solver {self.solver!r}; choose one of {SOLVERS} or PEER:METHOD (e.g. 'torchopt:cg')"
+            )
+        if self.share_linearization and self.method == "meltr" and self.solver not in AID_SOLVERS:
+            raise ValueError(
+                f"share_linearization needs an AID solver {AID_SOLVERS}, got {self.solver!r} (ITD and the peers' "
+                "solvers linearise g themselves)"
             )
         if self.meta_batch not in META_BATCH:
             raise ValueError(f"unknown meta batch source {self.meta_batch!r}; choose one of {META_BATCH}")
@@ -180,7 +191,9 @@ class FinetuneConfig:
     @property
     def name(self) -> str:
         """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite`` (the method and solver only)."""
-        return f"meltr-{self.solver}" if self.method == "meltr" else self.method
+        if self.method != "meltr":
+            return self.method
+        return f"meltr-{self.solver}" + ("-shared" if self.share_linearization else "")
 
 
 def _is_peer(name: str) -> bool:
@@ -409,7 +422,8 @@ class FinetuneRun:
         """The one place that turns (method, solver) into a :class:`bilevel.BilevelTrainer`."""
         cfg, obj = self.cfg, self.obj
         opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        tcfg = bl.TrainerConfig(hyper_every=cfg.K, meta_clip_grad_norm=cfg.meta_clip)
+        share = cfg.share_linearization and cfg.method == "meltr"
+        tcfg = bl.TrainerConfig(hyper_every=cfg.K, meta_clip_grad_norm=cfg.meta_clip, share_linearization=share)
         if cfg.method == "single":
             primary = cfg.primary
             inner = bl.single_task_objective(lambda p, b: obj.backbone_fn(p, b, losses=(primary,))[primary])
@@ -639,6 +653,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--meta-batch", choices=META_BATCH, default="heldout")
     p.add_argument("--iters", type=int, default=3, help="HVPs of aid-cg / aid-fp / stocbio")
     p.add_argument("--alpha", type=float, default=0.01, help="aid-fp-lite scale, Neumann step, ITD look-ahead lr")
+    p.add_argument(
+        "--share-linearization", action="store_true",
+        help="AID solvers: one linearisation of g serves the inner update and the hyper step (taken first)",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--meta-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
@@ -662,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             task=a.task, backbone=a.backbone, method=a.method, solver=a.solver, seed=a.seed, epochs=a.epochs,
             K=a.K, gamma=a.gamma, meta_batch=a.meta_batch, pretrained=a.pretrained or DEFAULT_PRETRAINED[a.backbone],
             resume=a.resume, batch_size=a.batch_size, lr=a.lr, meta_lr=a.meta_lr, iters=a.iters, alpha=a.alpha,
-            data_seed=a.data_seed, sizes=sizes, progress=not a.no_progress,
+            share_linearization=a.share_linearization, data_seed=a.data_seed, sizes=sizes, progress=not a.no_progress,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
