@@ -60,11 +60,11 @@ Row = tuple[str, str, str, bool]
 ROWS: list[Row] = [
     ("MTL", "mtl", "aid-fp-lite", False),
     ("MELTR + ITD (1-step look-ahead)", "meltr", "itd", False),
-    ("MELTR + StocBiO", "meltr", "stocbio", True),
-    ("MELTR + AID-CG", "meltr", "aid-cg", True),
-    ("MELTR + AID-FP (Neumann)", "meltr", "aid-fp", True),
-    ("MELTR + AID-FP-Lite", "meltr", "aid-fp-lite", True),
-    ("MELTR + AID-FP-Lite, not shared (hyper step after the update)", "meltr", "aid-fp-lite", False),
+    ("MELTR + StocBiO (shared)", "meltr", "stocbio", True),
+    ("MELTR + AID-CG (shared)", "meltr", "aid-cg", True),
+    ("MELTR + AID-FP (Neumann, shared)", "meltr", "aid-fp", True),
+    ("MELTR + AID-FP-Lite (shared)", "meltr", "aid-fp-lite", True),
+    ("MELTR + AID-FP-Lite (not shared: hyper step after the update)", "meltr", "aid-fp-lite", False),
 ]
 # Peers in the same loop (benchmarks.peers.PeerSolver): rows without a paper figure. betty's CG is left
 # out of "auto": betty 0.2.1 builds each CG direction from the old residual (see benchmarks/peers.py).
@@ -92,9 +92,11 @@ TINY = {"seeds": 1, "epochs": 1, "train": 16, "meta": 8, "val": 8, "test": 8, "p
 def no_share(rows: list[Row]) -> list[Row]:
     """``rows`` with ``share_linearization`` off everywhere (``--no-share``), duplicates dropped."""
     out: list[Row] = []
-    for label, method, solver, _ in rows:
+    for label, method, solver, share in rows:
         if any(_key(m, s, sh) == _key(method, solver, False) for _, m, s, sh in out):
             continue
+        if share:
+            label = label.replace(" (shared)", "").replace(", shared)", ")")
         out.append((label, method, solver, False))
     return out
 
@@ -325,14 +327,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn: set[str] = set()
     for i, r in enumerate(rows):
         color = f"C{i}"
         axes[0].errorbar(r["overhead_pct"], r["R@1"][0], yerr=r["R@1"][1], fmt="o", capsize=3, color=color)
         xy = (r["overhead_pct"], r["R@1"][0])
         axes[0].annotate(r["key"], xy, textcoords="offset points", xytext=(5, 12 - 9 * (i % 3)), color=color)
-        if r["paper"] is not None:
+        method = r["key"].removesuffix("+shared")  # the paper has one point per method
+        if r["paper"] is not None and method not in drawn:
+            drawn.add(method)
             axes[1].plot(r["paper"][2], r["paper"][0], "o", color=color)
-            axes[1].annotate(r["key"], (r["paper"][2], r["paper"][0]), textcoords="offset points", xytext=(4, 4))
+            axes[1].annotate(method, (r["paper"][2], r["paper"][0]), textcoords="offset points", xytext=(4, 4))
     axes[0].set(title="ours (digit clips, tiny UniVL, CPU)", xlabel="time overhead vs MTL (%)", ylabel="test R@1 (%)")
     axes[1].set(title="paper Table 8 (YouCook2, UniVL)", xlabel="time overhead vs MTL (%)", ylabel="R@1 (%)")
     fig.tight_layout()

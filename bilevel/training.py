@@ -19,6 +19,10 @@ Quick use::
     metrics = trainer.step(inner_batch, outer_batch)       # one step from your own loop, or:
     trainer.fit(train_loader, meta_loader, epochs=3, checkpoint_path="run/ckpt.pt", log_dir="run")
 
+With an AID solver, ``TrainerConfig(share_linearization=True)`` linearises ``g`` once on hyper steps: the
+hyper step (at theta_k) reuses the inner step's ``grad_theta g`` graph, then the inner update follows,
+which saves one forward and backward pass of ``g`` per hyper step.
+
 Baselines in the same loop (no meta model, no solver, so timings compare like with like):
 :func:`single_task_objective` (a primary loss only) and :func:`mtl_objective` (a fixed linear sum).
 

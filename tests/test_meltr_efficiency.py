@@ -33,7 +33,7 @@ def test_tiny_table_has_all_rows(tmp_path):
         assert f"| {label} |" in text
     efficiency.write_section(md, text)
     out = md.read_text()
-    assert "keep me" in out and out.count(efficiency.BEGIN) == 1 and "| MELTR + AID-FP-Lite |" in out
+    assert "keep me" in out and out.count(efficiency.BEGIN) == 1 and "| MELTR + AID-FP-Lite (shared) |" in out
     efficiency.write_section(md, "again")
     assert md.read_text().count(efficiency.BEGIN) == 1 and "again" in md.read_text()
 
@@ -41,7 +41,7 @@ def test_tiny_table_has_all_rows(tmp_path):
 def test_no_share_runs_every_row_once_unshared():
     rows = efficiency.no_share(efficiency.ROWS)
     assert [r[2] for r in rows] == ["aid-fp-lite", "itd", "stocbio", "aid-cg", "aid-fp", "aid-fp-lite"]
-    assert not any(r[3] for r in rows)
+    assert not any(r[3] for r in rows) and [r[0] for r in rows[3:5]] == ["MELTR + AID-CG", "MELTR + AID-FP (Neumann)"]
 
 
 def test_write_section_keeps_notes(tmp_path):
