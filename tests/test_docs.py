@@ -57,11 +57,11 @@ def test_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "aid-cg" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("solver", ["itd", "aid-cg"])
-def test_own_meta_learning_example(solver: str) -> None:
+@pytest.mark.parametrize("solver,share", [("itd", False), ("aid-cg", False), ("aid-fp-lite", True)])
+def test_own_meta_learning_example(solver: str, share: bool) -> None:
     from examples.own_meta_learning import main
 
-    out = main(solver=solver, steps=100)
+    out = main(solver=solver, steps=100, share=share)
     # the meta-network learns to down-weight the samples with flipped labels (with the sign of the
     # hypergradient reversed it learns the opposite: 0.33 vs 0.23 for itd, measured)
     assert out["w_noisy"] < out["w_clean"], out
