@@ -4,7 +4,9 @@
 
 Methods, all through the same :meth:`bilevel.BilevelTrainer.step` (so the loop's own overhead is
 the same for all): ``single`` (primary loss only), ``mtl`` (fixed sum of the task losses) and a
-hyper step at *every* step (``hyper_every=1``, the worst case) with each solver. MELTR runs a
+hyper step at *every* step (``hyper_every=1``, the worst case) with each solver, and AID-FP-Lite and
+AID-CG once more with ``TrainerConfig.share_linearization`` ("shared": the inner step's gradient graph
+serves the hyper step). MELTR runs a
 hyper step every K = 3 or 5 steps; the column ``K=3`` estimates that amortised cost as
 ``1 + (ratio - 1) / 3``. Steps of all methods are interleaved (a random order in each round) and the
 median over rounds is reported, so background load drifts affect all methods alike.
@@ -42,6 +44,9 @@ SOLVERS = {
     "stocbio (K=5)": {"iters": 5, "alpha": 0.05},
     "itd (T=5)": {"steps": 5, "lr": 0.05},
 }
+# the same solvers with TrainerConfig.share_linearization: the inner step's graph serves the hyper step
+SHARED = " shared"
+SOLVERS |= {f"{m}{SHARED}": SOLVERS[m] for m in ("aid-fp-lite", "aid-cg (K=5)")}
 
 
 class MLP(nn.Module):
@@ -123,7 +128,8 @@ def make_trainer(task, method: str, device):
     name = method.split(" ")[0]
     return bl.BilevelTrainer(
         model, opt, g, outer=f, meta_model=meta, meta_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3),
-        solver=bl.get_solver(name, **SOLVERS[method]), config=bl.TrainerConfig(hyper_every=1),
+        solver=bl.get_solver(name, **SOLVERS[method]),
+        config=bl.TrainerConfig(hyper_every=1, share_linearization=method.endswith(SHARED)),
     )  # fmt: skip
 
 
