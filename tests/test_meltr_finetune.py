@@ -126,6 +126,19 @@ def test_bad_config_is_rejected():
         ft.FinetuneConfig(solver="itd", share_linearization=True)
     assert ft.FinetuneConfig(share_linearization=True).name == "meltr-aid-fp-lite-shared"
     ft.FinetuneConfig(method="mtl", solver="itd", share_linearization=True)  # ignored by the baselines
+    with pytest.raises(ValueError, match="eval_threads"):
+        ft.FinetuneConfig(eval_threads=0)
+
+
+def test_eval_threads_apply_to_the_block_only():
+    import torch
+
+    before = torch.get_num_threads()
+    with ft._num_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with ft._num_threads(None):
+        assert torch.get_num_threads() == before
     with pytest.raises(FileNotFoundError, match="pretrain"):
         ft.FinetuneRun(ft.FinetuneConfig(pretrained="/nonexistent.pt"))
 
