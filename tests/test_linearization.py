@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,13 @@ def test_params_updated_in_place_after_linearising_are_refused():
     params["w"].add_(1.0)  # an optimizer step on the same storage
     with pytest.raises(ValueError, match=r"is stale: \['w'\] were updated in place"):
         _call(bl.AIDCG(iters=3), lin, params=params)
+
+
+def test_batches_are_compared_by_content():
+    from bilevel.solvers.base import _same_batch
+
+    x = torch.arange(6.0).reshape(2, 3)
+    assert _same_batch((x, {"y": x.clone(), "n": 3}), (x.clone(), {"y": x, "n": 3}))
+    assert not _same_batch((x, 1), (x, 2)) and not _same_batch((x,), [x]) and not _same_batch(x, x.double())
+    assert _same_batch(np.arange(3), np.arange(3)) and not _same_batch(np.arange(3), np.arange(1, 4))
+    assert not _same_batch(np.arange(3), torch.arange(3)) and _same_batch(None, None)
