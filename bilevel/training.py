@@ -633,7 +633,6 @@ class BilevelTrainer:
     ) -> dict[str, Any]:
         assert self.solver is not None and self.problem is not None and self.meta_optimizer is not None
         step = self.step_count + 1
-        extra = {} if lin is None else {"linearization": lin}
         try:
             hg, info = self.solver.hypergrad(
                 self.problem,
@@ -643,7 +642,7 @@ class BilevelTrainer:
                 outer_batch,
                 return_info=True,
                 reduce=self.reduce,
-                **extra,
+                linearization=lin,
             )
         except FloatingPointError as exc:
             if self.config.on_nonfinite == "raise":
@@ -696,7 +695,7 @@ class BilevelTrainer:
                 skipped, hyper = "inner", False
             else:
                 out = self._hyper(inner_batch, outer_batch, snap, lin)
-                del lin  # its graph holds theta's storage, which the update changes in place
+                del lin  # free its first-order graph before the update
                 skipped = out.pop("skipped", None)
                 metrics.update(out)
                 self._update(total)

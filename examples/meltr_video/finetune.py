@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import bilevel as bl
+from bilevel.solvers import AIDSolver
 
 from .data import Collate, DigitSplits, Tokenizer, make_digit_clips
 from .evaluate import caption_eval, retrieval_eval
@@ -87,7 +88,8 @@ MELTR_SIZES: dict[str, dict[str, int]] = {
 }
 DEFAULT_PRETRAINED = {"univl": "runs/pretrain_tiny.pt", "violet": "runs/pretrain_violet.pt"}
 SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
-AID_SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "stocbio")  # those that take a shared linearisation
+# those that take a shared linearisation (bilevel's AID solvers)
+AID_SOLVERS = tuple(n for n in SOLVERS if issubclass(bl.SOLVERS[n], AIDSolver))
 META_BATCH = ("heldout", "last10")
 _GENS = ("train_order", "train_masks", "meta_order", "meta_masks", "hvp_order", "hvp_masks")
 
