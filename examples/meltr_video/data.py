@@ -71,11 +71,13 @@ DEFAULT_SIZES: dict[str, int] = {"pretrain": 2000, "train": 160, "meta": 96, "va
 
 @dataclass(frozen=True)
 class VideoTextRecord:
-    """One (video, caption) pair. ``features``: float32 ``[frames, dim]``."""
+    """One (video, caption) pair. ``features``: float32 ``[frames, dim]``; ``info``: the generating
+    parameters of a synthetic clip (None for real data)."""
 
     video_id: str
     caption: str
     features: np.ndarray
+    info: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 class VideoTextDataset(torch.utils.data.Dataset):

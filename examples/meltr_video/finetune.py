@@ -9,15 +9,19 @@ Methods (all trained by :class:`bilevel.BilevelTrainer`, same optimizer, data or
 
     single:  theta <- Adam(theta, grad_theta L_primary)                            (no hyper step)
     mtl:     theta <- Adam(theta, grad_theta sum_t L_t)                            (no hyper step)
+    weighted: theta <- Adam(theta, grad_theta sum_t w_t L_t), fixed w (``--weights``; paper Table 7)
     meltr:   theta <- Adam(theta, grad_theta g),  g = MELTR_phi(L_1..L_T)          every step
              phi   <- Adam(phi, hypergradient of f = L_primary + gamma |sum_t L_t - g|)
                                                                                    every K-th step
 
-Data: the offline digit clips (:func:`~examples.meltr_video.data.make_digit_clips`). Splits:
-``train`` (fine-tuning), ``meta`` (MELTR's outer batches: a held-out split of clips drawn from
-the same handwriting pool as ``train`` but disjoint from it; never val or test), ``val`` (model
-selection: the epoch with the best val score is the one tested), ``test`` (reported once, at the
-end, for the val-selected epoch). ``--meta-batch last10`` reproduces the official code's choice
+Data (``--data``): ``testbed`` (default for UniVL retrieval and captioning: the target domain of
+:func:`~examples.meltr_video.testbed.make_testbed`, frozen CNN features) or ``digits`` (the older
+single-domain clips of :func:`~examples.meltr_video.data.make_digit_clips`; the Violet backbone and
+the QA tasks still use them). Splits: ``train`` (fine-tuning), ``meta`` (MELTR's outer batches: a
+held-out split of clips drawn from the same handwriting pool as ``train`` but disjoint from it;
+never val or test; ``--train-on-meta`` gives it to a baseline as training data instead), ``val``
+(model selection: the epoch with the best val score is the one tested), ``test`` (reported once, at
+the end, for the val-selected epoch). ``--meta-batch last10`` reproduces the official code's choice
 instead (a random one of the last 10 training batches; MATH.md section 7).
 
 Hypergradient solvers (``--solver``; ``alpha`` is the common step/scale, ``iters`` the HVP count):
@@ -43,7 +47,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +57,11 @@ from torch import Tensor, nn
 import bilevel as bl
 from bilevel.solvers import AIDSolver
 
-from .data import Collate, DigitSplits, Tokenizer, make_digit_clips
+from .data import Collate, DigitSplits, Tokenizer, VideoTextDataset, make_digit_clips
 from .evaluate import caption_eval, retrieval_eval
 from .meltr import MELTR, MELTRObjectives, loss_gradient, response_curve
 from .qa import QACollate, QAModel, make_qa, qa_accuracy
+from .testbed import make_testbed
 from .univl import LOSS_NAMES, PRIMARY, UniVL, UniVLConfig
 from .violet import LOSS_NAMES as VIOLET_LOSS_NAMES
 from .violet import PRIMARY as VIOLET_PRIMARY
@@ -67,12 +72,14 @@ __all__ = [
     "SOLVERS",
     "FinetuneConfig",
     "FinetuneRun",
+    "default_pretrained",
     "finetune",
     "main",
     "make_solver",
+    "parse_weights",
 ]
 
-METHODS = ("single", "mtl", "meltr")
+METHODS = ("single", "mtl", "weighted", "meltr")
 BACKBONES = ("univl", "violet")
 #: task -> primary loss, per backbone (the QA tasks add the answer loss "qa" to the backbone's losses)
 TASKS: dict[str, dict[str, str]] = {
@@ -86,11 +93,33 @@ MELTR_SIZES: dict[str, dict[str, int]] = {
     "univl": {"hidden": 128, "d_model": 256, "ff": 512},
     "violet": {"hidden": 256, "d_model": 512, "ff": 512},
 }
-DEFAULT_PRETRAINED = {"univl": "runs/pretrain_tiny.pt", "violet": "runs/pretrain_violet.pt"}
+#: default pretrained checkpoint per backbone. UniVL: on the testbed's source domain, shipped in the repository
+#: (``python -m examples.meltr_video.pretrain --epochs 12 --threads 2 --out PATH`` regenerates it, see
+#: docs/testbed.md); "univl-digits": UniVL on the digit clips (QA); Violet: on the digit clips.
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "univl_tiny_testbed.pt"
+DEFAULT_PRETRAINED = {
+    "univl": str(SHIPPED_CHECKPOINT),
+    "violet": "runs/pretrain_violet.pt",
+    "univl-digits": "runs/pretrain_tiny_digits.pt",
+}
+
+
+def default_pretrained(backbone: str, data: str) -> str:
+    """The default checkpoint path of ``backbone`` pretrained for ``data``."""
+    return DEFAULT_PRETRAINED["univl-digits" if (backbone, data) == ("univl", "digits") else backbone]
+
+
 SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
 # those that take a shared linearisation (bilevel's AID solvers)
 AID_SOLVERS = tuple(n for n in SOLVERS if issubclass(bl.SOLVERS[n], AIDSolver))
 META_BATCH = ("heldout", "last10")
+DATA = ("testbed", "digits")
+#: default split sizes and caption length per data set
+DATA_SIZES: dict[str, dict[str, int]] = {
+    "testbed": {"train": 256, "meta": 64, "val": 250, "test": 1000},
+    "digits": {"train": 160, "meta": 96, "val": 200, "test": 300},
+}
+MAX_WORDS = {"testbed": 24, "digits": 20}
 _GENS = ("train_order", "train_masks", "meta_order", "meta_masks", "hvp_order", "hvp_masks")
 
 
@@ -104,7 +133,9 @@ class FinetuneConfig:
             choice / open-ended, :mod:`~examples.meltr_video.qa`; primary loss ``qa``, the answer
             cross-entropy, with the backbone's pretext losses on the clip's caption as auxiliaries).
         backbone: ``"univl"`` or ``"violet"``; must match the checkpoint ``pretrained``.
-        method: ``"single"``, ``"mtl"`` or ``"meltr"``.
+        method: ``"single"``, ``"mtl"``, ``"weighted"`` (``sum_t w_t L_t`` with fixed ``weights``) or ``"meltr"``.
+        weights: the ``weighted`` method's ``{loss name: w_t >= 0}`` (losses left out weigh 0 and are
+            not computed).
         solver: hypergradient solver of MELTR (ignored by the baselines).
         K: one hyper step every K inner steps (``TrainerConfig.hyper_every``).
         gamma: weight of MELTR's regulariser ``|sum_t L_t - L_aux|`` in ``f``.
@@ -116,7 +147,12 @@ class FinetuneConfig:
             backward pass of the backbone per hyper step.
         lr: backbone Adam learning rate; meta_lr / meta_weight_decay / meta_clip: MELTR's Adam and
             hypergradient clipping (official code: 1e-3, 3e-5, 50).
-        sizes: clips in the train / meta / val / test splits of the digit data (``data_seed``).
+        data: ``"testbed"`` or ``"digits"`` (None: ``"digits"`` for the Violet backbone and the QA tasks,
+            whose question generator reads the digit clips' captions, else ``"testbed"``).
+        sizes: clips in the train / meta / val / test splits (``data_seed``; None: :data:`DATA_SIZES`).
+        max_words: caption length limit (None: :data:`MAX_WORDS` of the data).
+        train_on_meta: a baseline (single, MTL) also trains on the ``meta`` split, so that it sees
+            every labelled pair MELTR sees (MELTR uses them in its outer objective only).
         eval_threads: torch threads for evaluation only (None: as for training). Training times are
             measured apart from evaluation, so benchmarks can train on one thread and evaluate on all.
     """
@@ -130,7 +166,7 @@ class FinetuneConfig:
     K: int = 3
     gamma: float = 0.1
     meta_batch: str = "heldout"
-    pretrained: str = "runs/pretrain_tiny.pt"
+    pretrained: str | None = None
     out: str | None = None
     resume: bool = False
     batch_size: int = 16
@@ -142,8 +178,11 @@ class FinetuneConfig:
     alpha: float = 0.01
     share_linearization: bool = False
     data_seed: int = 0
-    sizes: dict[str, int] = field(default_factory=lambda: {"train": 160, "meta": 96, "val": 200, "test": 300})
-    max_words: int = 20
+    data: str | None = None
+    sizes: dict[str, int] | None = None
+    max_words: int | None = None
+    train_on_meta: bool = False
+    weights: dict[str, float] | None = None
     eval_test: bool = True
     progress: bool = True
     eval_threads: int | None = None
@@ -151,6 +190,34 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        digits_only = self.backbone == "violet" or self.task.startswith("qa-")
+        if self.data is None:
+            self.data = "digits" if digits_only else "testbed"
+        if self.data not in DATA:
+            raise ValueError(f"unknown data {self.data!r}; choose one of {DATA}")
+        if self.data == "testbed" and digits_only:
+            raise ValueError(
+                f"backbone {self.backbone!r} / task {self.task!r} runs on data='digits' only (the Violet backbone "
+                "reads raw frames; the QA questions are generated from the digit clips' captions)"
+            )
+        if self.sizes is None:
+            self.sizes = dict(DATA_SIZES[self.data])
+        if self.pretrained is None:
+            self.pretrained = default_pretrained(self.backbone, self.data)
+        if self.max_words is None:
+            self.max_words = MAX_WORDS[self.data]
+        if self.method == "weighted":
+            known = (*BACKBONE_LOSSES[self.backbone], *(("qa",) if self.qa_kind else ()))
+            w = self.weights or {}
+            bad = [k for k in w if k not in known]
+            if bad:
+                raise ValueError(f"weights name unknown loss(es) {bad}; the losses are {list(known)}")
+            if any(not (isinstance(v, int | float) and 0 <= v < math.inf) for v in w.values()) or not any(w.values()):
+                raise ValueError(f"weights must be finite numbers >= 0, at least one > 0; got {w!r}")
+        elif self.weights is not None:
+            raise ValueError(f"weights are for method='weighted', not {self.method!r}")
+        if self.train_on_meta and self.method == "meltr":
+            raise ValueError("train_on_meta is for the baselines; MELTR uses the meta split for its outer objective")
         if self.task not in TASKS[self.backbone]:
             raise ValueError(
                 f"unknown task {self.task!r} for backbone {self.backbone!r}; choose one of {list(TASKS[self.backbone])}"
@@ -201,9 +268,26 @@ class FinetuneConfig:
     @property
     def name(self) -> str:
         """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite`` (the method and solver only)."""
+        if self.method == "weighted":
+            w = ",".join(f"{k}={v:g}" for k, v in (self.weights or {}).items() if v)
+            return f"weighted[{w}]" + ("+meta" if self.train_on_meta else "")
         if self.method != "meltr":
-            return self.method
+            return self.method + ("+meta" if self.train_on_meta else "")
         return f"meltr-{self.solver}" + ("-shared" if self.share_linearization else "")
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """``"alignment=1,decoder=0.5"`` -> ``{"alignment": 1.0, "decoder": 0.5}`` (names checked by FinetuneConfig)."""
+    out: dict[str, float] = {}
+    for item in spec.split(","):
+        k, sep, v = item.strip().partition("=")
+        if not sep or not k:
+            raise ValueError(f"weights {spec!r}: expected name=value pairs separated by commas")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise ValueError(f"weights {spec!r}: {v!r} is not a number") from None
+    return out
 
 
 def _is_peer(name: str) -> bool:
@@ -352,17 +436,36 @@ class FinetuneRun:
             if not Path(cfg.pretrained).exists():
                 raise FileNotFoundError(
                     f"pretrained backbone {cfg.pretrained} not found: run "
-                    f"`python -m examples.meltr_video.pretrain --out {cfg.pretrained}` first"
+                    f"`python -m examples.meltr_video.pretrain --backbone {cfg.backbone} --data {cfg.data} "
+                    f"--out {cfg.pretrained}` first"
                 )
             model, tok, _ = load_pretrained(cfg.pretrained)
             state, ucfg = model.state_dict(), model.cfg
         else:
             state, ucfg, tok = pretrained
         self.tok = tok
-        self.data = data if data is not None else make_digit_clips(cfg.data_seed, sizes=cfg.sizes)
-        for split in ("train", "val", "test") + (("meta",) if cfg.method == "meltr" else ()):
-            if split not in self.data.splits:
-                raise KeyError(f"the data has no {split!r} split (has {list(self.data.splits)})")
+        if data is None:
+            make = make_testbed if cfg.data == "testbed" else make_digit_clips
+            data = make(cfg.data_seed, sizes=cfg.sizes)
+        if data.tokenizer.vocab != tok.vocab:
+            raise ValueError(
+                f"the pretrained backbone {cfg.pretrained} has another vocabulary than the {cfg.data!r} data; pretrain "
+                f"it on that data (python -m examples.meltr_video.pretrain --data {cfg.data})"
+            )
+        needed = ("train", "val", "test") + (("meta",) if cfg.method == "meltr" or cfg.train_on_meta else ())
+        for split in needed:
+            if split not in data.splits:
+                raise KeyError(f"the data has no {split!r} split (has {list(data.splits)})")
+        if cfg.train_on_meta:  # the baseline trains on every labelled pair: train + meta
+            tr, me = data["train"], data["meta"]
+            frames = None
+            if tr.frames is not None and me.frames is not None:
+                import numpy as np
+
+                frames = np.concatenate([tr.frames, me.frames])
+            merged = VideoTextDataset(tr.records + me.records, frames=frames)
+            data = DigitSplits({**data.splits, "train": merged}, data.tokenizer)
+        self.data = data
         kind = cfg.qa_kind
         # the data the loaders and the evaluation see: the clips, or questions on them (QA tasks)
         self.sets: dict[str, Any] = {
@@ -440,6 +543,15 @@ class FinetuneRun:
             return bl.BilevelTrainer(self.model, opt, inner, config=tcfg)
         if cfg.method == "mtl":
             return bl.BilevelTrainer(self.model, opt, bl.mtl_objective(obj.losses), config=tcfg)
+        if cfg.method == "weighted":
+            w = {k: float(v) for k, v in (cfg.weights or {}).items() if v}
+            names = tuple(n for n in self.obj.meltr.task_names if n in w)
+
+            def weighted(p: dict[str, Tensor], b: Any) -> Tensor:
+                losses = obj.backbone_fn(p, b, losses=names)
+                return torch.stack([w[n] * losses[n] for n in names]).sum()
+
+            return bl.BilevelTrainer(self.model, opt, bl.single_task_objective(weighted), config=tcfg)
         assert self.meltr is not None
         meta_opt = torch.optim.Adam(self.meltr.parameters(), lr=cfg.meta_lr, weight_decay=cfg.meta_weight_decay)
         return bl.BilevelTrainer(
@@ -688,10 +800,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--meta-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-size", type=int, default=160)
-    p.add_argument("--meta-size", type=int, default=96)
-    p.add_argument("--val-size", type=int, default=200)
-    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--data", choices=DATA, default=None, help="testbed (default) or digits (Violet and QA)")
+    p.add_argument("--train-size", type=int, default=None, help=f"default by data: {DATA_SIZES}")
+    p.add_argument("--meta-size", type=int, default=None)
+    p.add_argument("--val-size", type=int, default=None)
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--train-on-meta", action="store_true", help="baselines: train on the meta split too")
+    p.add_argument("--weights", default=None, help="method weighted: name=w,... e.g. alignment=1,decoder=1")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument(
         "--pretrained", default=None, help=f"pretrained checkpoint (default by backbone: {DEFAULT_PRETRAINED})"
@@ -702,13 +817,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    sizes = {"train": a.train_size, "meta": a.meta_size, "val": a.val_size, "test": a.test_size}
+    given = {"train": a.train_size, "meta": a.meta_size, "val": a.val_size, "test": a.test_size}
+    data = a.data or ("digits" if a.backbone == "violet" or a.task.startswith("qa-") else "testbed")
+    sizes = {k: v if v is not None else DATA_SIZES.get(data, DATA_SIZES["testbed"])[k] for k, v in given.items()}
     try:
         cfg = FinetuneConfig(
             task=a.task, backbone=a.backbone, method=a.method, solver=a.solver, seed=a.seed, epochs=a.epochs,
-            K=a.K, gamma=a.gamma, meta_batch=a.meta_batch, pretrained=a.pretrained or DEFAULT_PRETRAINED[a.backbone],
+            K=a.K, gamma=a.gamma, meta_batch=a.meta_batch, pretrained=a.pretrained,
             resume=a.resume, batch_size=a.batch_size, lr=a.lr, meta_lr=a.meta_lr, iters=a.iters, alpha=a.alpha,
             share_linearization=a.share_linearization, data_seed=a.data_seed, sizes=sizes, progress=not a.no_progress,
+            data=a.data, train_on_meta=a.train_on_meta, weights=parse_weights(a.weights) if a.weights else None,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))

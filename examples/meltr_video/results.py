@@ -1,43 +1,96 @@
-"""Single task vs MTL vs MELTR (AID-FP-Lite), several seeds, for one backbone and task.
+"""Paired comparison of fine-tuning methods: single task, MTL, manual weightings, MELTR with each solver.
 
-    python -m examples.meltr_video.results [--backbone univl|violet] [--task retrieval|qa-mc|qa-oe]
-        [--seeds 3] [--epochs 3] [--train-size 160]
-        [--variant "meltr:gamma=0" --variant "meltr:K=1" ...] [--no-write]
+    python -m examples.meltr_video.results [--backbone univl|violet] [--task retrieval|captioning|qa-mc|qa-oe]
+        [--seeds 5 | --seeds 0,3 | --seeds 2-4] [--epochs 40] [--lr-grid 5e-4,1e-3,2e-3] [--rows LABEL,...]
+        [--json FILE] [--write]
 
-Each row is fine-tuned from the same pretrained backbone (``--pretrained``, default by backbone
-``runs/pretrain_tiny.pt`` / ``runs/pretrain_violet.pt``; pretrained with the "full" preset when
-missing) by :func:`examples.meltr_video.finetune.finetune`; test metrics are those of the
-val-selected epoch. Writes mean ± std of the test metrics (retrieval: R@1 / R@5 / R@10 / MedR; QA:
-accuracy) into the section ``meltr_retrieval`` (UniVL retrieval) or ``meltr_BACKBONE_TASK`` of
-docs/results.md, and the analysis plots (docs/img/meltr_response.png, meltr_weights.png; with a
-``_BACKBONE_TASK`` suffix for the others) of the seed-0 MELTR run.
-``--variant METHOD[:SOLVER]:key=value,...`` adds rows with other settings
-(e.g. ``meltr:gamma=0``, ``meltr:aid-cg:K=1``, ``mtl:lr=3e-4``) to probe why a method wins or loses.
+Protocol (fixed before any MELTR run on the testbed; ``docs/testbed.md``):
+
+1. **Rows.** ``single`` (primary loss only), ``mtl`` (sum of all losses), ``mtl+meta`` (MTL also trained
+   on the meta split, so it sees every labelled pair MELTR sees), the paper's Table 7 manual weightings
+   adapted to the backbone's losses (UniVL: primary + caption loss; all ones but the loss MELTR weighs
+   least; a scale-normalised sum ``w_t = L_primary / L_t`` at the pretrained backbone), and MELTR with
+   each solver (AID-FP-Lite, AID-CG, AID-FP, ITD, StocBiO). ``--rows`` picks a subset.
+2. **Learning rate, same budget for every row.** Each row is trained once per value of ``--lr-grid``
+   (search seed 1000, never one of the reported seeds) and keeps the value with the best val score
+   (R@1, then R@5, then -MedR); the epoch is chosen on val inside every run (``--epochs`` is the
+   maximum). The "all but the least" row needs MELTR's weights: they are read from the AID-FP-Lite
+   search run at its selected learning rate (``d L_aux / d L_t`` after the last epoch), never from test.
+3. **Paired seeds.** Every row runs each reported seed with the same backbone initialisation (the
+   pretrained checkpoint; heads and MELTR from the seed) and the same training-data order. Test is read
+   once per run, for its val-selected epoch.
+4. **Report.** Per row: mean ± std over seeds of the test metrics, and the paired difference of the key
+   metric against MTL and against single (mean ± std over seeds, wins out of seeds). Plus the
+   zero-shot (un-fine-tuned) backbone.
+
+Runs are cached in ``--out-root`` (``LABEL-lrLR-sSEED/results.json``): a finished run with the same
+settings is read back, not rerun, so a comparison can be extended seed by seed across sessions.
+``--json FILE`` writes every per-seed, per-row metric; ``--write`` also writes the section of
+docs/results.md and the plots (R@1 per row; paired differences; MELTR's task weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.markdown import write_section as write_results_section
+from .finetune import (
+    BACKBONES,
+    METHODS,
+    SOLVERS,
+    TASKS,
+    FinetuneConfig,
+    FinetuneRun,
+    default_pretrained,
+)
 
-from .analysis import plot_response, plot_weights
-from .data import make_digit_clips
-from .finetune import BACKBONES, DEFAULT_PRETRAINED, METHODS, SOLVERS, TASKS, FinetuneConfig, finetune
-
-__all__ = ["main", "parse_variant", "run_rows"]
+__all__ = [
+    "SEARCH_SEED",
+    "default_rows",
+    "main",
+    "paired",
+    "parse_seeds",
+    "parse_variant",
+    "run_comparison",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
+SEARCH_SEED = 1000
 _TYPES = {f.name: f.type for f in fields(FinetuneConfig)}
+_SOLVER_LABEL = {
+    "aid-fp-lite": "AID-FP-Lite", "aid-cg": "AID-CG", "aid-fp": "AID-FP", "itd": "ITD", "stocbio": "StocBiO",
+}  # fmt: skip
+#: the caption loss of each backbone (Table 7's "primary + captioning loss"); None: the backbone has none
+CAPTION_LOSS = {"univl": "decoder", "violet": None}
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"5"`` -> seeds 0..4; ``"0,3"`` -> [0, 3]; ``"2-4"`` -> [2, 3, 4]."""
+    spec = spec.strip()
+    if spec.isdigit():
+        n = int(spec)
+        if n < 1:
+            raise ValueError("--seeds N needs N >= 1")
+        return list(range(n))
+    out: list[int] = []
+    for part in spec.split(","):
+        a, sep, b = part.strip().partition("-")
+        if not a.isdigit() or (sep and not b.isdigit()):
+            raise ValueError(f"--seeds {spec!r}: expected N, a list 0,3 or a range 2-4")
+        out.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+    if len(set(out)) != len(out):
+        raise ValueError(f"--seeds {spec!r} repeats a seed")
+    return out
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -53,70 +106,317 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
         if not item:
             continue
         k, _, v = item.partition("=")
-        if k not in _TYPES or k in ("sizes", "out", "pretrained"):
+        if k not in _TYPES or k in ("sizes", "out", "pretrained", "weights"):
             raise ValueError(f"variant {spec!r}: unknown or unsupported setting {k!r}")
         t = _TYPES[k]
         over[k] = int(v) if t in (int, "int") else float(v) if t in (float, "float") else v
     return spec, over
 
 
-def run_rows(
+def default_rows(backbone: str, task: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of the comparison (label, FinetuneConfig overrides). ``weights="least"`` / ``"scaled"``
+    are resolved by :func:`run_comparison` (from MELTR's search run / the pretrained backbone)."""
+    primary = TASKS[backbone][task]
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("single", {"method": "single"}),
+        ("mtl", {"method": "mtl"}),
+        ("mtl+meta", {"method": "mtl", "train_on_meta": True}),
+    ]
+    cap = CAPTION_LOSS[backbone]
+    if cap is not None and cap != primary:
+        rows.append((f"{primary} + {cap}", {"method": "weighted", "weights": {primary: 1.0, cap: 1.0}}))
+    rows.append(("all but MELTR's least", {"method": "weighted", "weights": "least"}))
+    rows.append(("scale-normalised sum", {"method": "weighted", "weights": "scaled"}))
+    rows += [(f"MELTR {_SOLVER_LABEL[s]}", {"method": "meltr", "solver": s}) for s in SOLVERS]
+    return rows
+
+
+def _key(task: str, m: Mapping[str, float]) -> tuple[float, ...]:
+    if task == "retrieval":
+        return (m["R@1"], m["R@5"], -m["MedR"])
+    if task.startswith("qa-"):
+        return (m["acc"],)
+    return (m["CIDEr"], m["BLEU-4"])
+
+
+def _metric(task: str) -> str:
+    return "R@1" if task == "retrieval" else "acc" if task.startswith("qa-") else "CIDEr"
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "+-." else "_" for c in label)
+
+
+def _run(cfg: FinetuneConfig, data: Any, pre: Any) -> dict[str, Any]:
+    """Fine-tune ``cfg`` (or read back a finished run with the same settings from ``cfg.out``)."""
+    assert cfg.out is not None
+    res_path = Path(cfg.out) / "results.json"
+    want = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "out")}
+    if res_path.exists():
+        try:
+            prev = json.loads(res_path.read_text())
+        except json.JSONDecodeError:
+            prev = {}
+        have = {k: v for k, v in prev.get("config", {}).items() if k not in ("progress", "resume", "out")}
+        if have == want and (prev.get("test") is not None or not cfg.eval_test) and prev.get("best_val"):
+            return prev
+    run = FinetuneRun(cfg, data, pre)
+    while not run.done:
+        run.run_epoch()
+    return run.finish()
+
+
+def _scaled_weights(backbone: str, task: str, data: Any, pre: Any, base: Mapping[str, Any]) -> dict[str, float]:
+    """``w_t = L_primary / L_t`` at the pretrained backbone on the first 64 training pairs (w_primary = 1)."""
+    cfg = FinetuneConfig(**{**base, "method": "mtl", "seed": SEARCH_SEED, "progress": False})
+    run = FinetuneRun(cfg, data, pre)
+    batch = run.collate(seed=4321)([run.sets["train"][i] for i in range(min(64, len(run.sets["train"])))])
+    with torch.no_grad():
+        lv = run.obj.losses(run.obj.params, batch)
+    names = run.obj.meltr.task_names
+    p = float(lv[names.index(TASKS[backbone][task])])
+    return {n: round(p / max(float(v), 1e-8), 4) for n, v in zip(names, lv.tolist(), strict=True)}
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired difference ``a - b`` over seeds: mean, std (n - 1), wins (a > b), ties, n."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired needs two equal, non-empty lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return {
+        "mean": statistics.fmean(d),
+        "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+        "wins": sum(x > 0 for x in d),
+        "ties": sum(x == 0 for x in d),
+        "n": len(d),
+    }
+
+
+def run_comparison(
     rows: list[tuple[str, dict[str, Any]]],
-    seeds: int,
+    seeds: list[int],
     base: dict[str, Any],
+    lr_grid: list[float],
     out_root: Path,
     progress: bool = True,
-    reuse: bool = False,
-) -> dict[str, list[dict[str, Any]]]:
-    """Fine-tune every row for seeds 0..seeds-1; returns ``{label: [results per seed]}``.
-
-    ``reuse``: resume each run from its directory (finished runs are only re-tested, from their
-    val-selected checkpoint ``best.pt``)."""
-    data = make_digit_clips(base.get("data_seed", 0), sizes=base["sizes"])
+) -> dict[str, Any]:
+    """Search every row's learning rate on val, then run every seed; returns the JSON-ready record."""
+    from .finetune import DATA_SIZES
     from .pretrain import load_pretrained
+    from .testbed import make_testbed
 
-    model, tok, _ = load_pretrained(base["pretrained"])
+    probe = FinetuneConfig(**{**base, "method": "mtl", "progress": False})
+    if probe.data == "testbed":
+        data = make_testbed(probe.data_seed, sizes=probe.sizes)
+    else:
+        from .data import make_digit_clips
+
+        data = make_digit_clips(probe.data_seed, sizes=probe.sizes or DATA_SIZES["digits"])
+    model, tok, meta = load_pretrained(probe.pretrained)
     pre = (model.state_dict(), model.cfg, tok)
-    out: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in rows}
-    bar = tqdm(total=len(rows) * seeds, desc="fine-tuning runs", disable=not progress)
-    for seed in range(seeds):
-        for label, over in rows:
-            kw = {**base, **over, "seed": seed, "progress": False, "resume": reuse}
-            safe = label.replace(":", "_").replace(",", "_").replace("=", "")
-            kw["out"] = str(out_root / f"{safe}-s{seed}")
-            out[label].append(finetune(FinetuneConfig(**kw), data, pre))
-            bar.update(1)
-            test = out[label][-1]["test"]
-            bar.set_postfix(
-                run=label, **({"R1": f"{test['R@1']:.1f}"} if "R@1" in test else {"acc": f"{test['acc']:.1f}"})
+    task, key = probe.task, _metric(probe.task)
+    record: dict[str, Any] = {
+        "base": {k: v for k, v in asdict(probe).items() if k not in ("method", "seed", "out", "progress")},
+        "seeds": seeds,
+        "lr_grid": lr_grid,
+        "search_seed": SEARCH_SEED,
+        "pretrained_meta": {k: meta.get(k) for k in ("settings", "steps", "train_seconds", "val_after")},
+        "rows": {},
+    }
+    t0 = time.perf_counter()
+    # rows whose weights come from another row's search go last
+    order = sorted(rows, key=lambda r: r[1].get("weights") == "least")
+    n_runs = len(rows) * (len(lr_grid) + len(seeds)) if len(lr_grid) > 1 else len(rows) * len(seeds)
+    bar = tqdm(total=n_runs, desc="fine-tuning runs", disable=not progress)
+    scaled: dict[str, float] | None = None
+    for label, over in order:
+        over = dict(over)
+        if over.get("weights") == "scaled":
+            scaled = scaled or _scaled_weights(probe.backbone, task, data, pre, record["base"] | {"out": None})
+            over["weights"] = scaled
+        if over.get("weights") == "least":
+            lite = record["rows"].get("MELTR AID-FP-Lite")
+            if lite is None:
+                raise ValueError("the 'all but MELTR's least' row needs the 'MELTR AID-FP-Lite' row")
+            w = lite["search_weights"]
+            least = min(w, key=w.get)
+            over["weights"] = {n: (0.0 if n == least else 1.0) for n in w}
+        row: dict[str, Any] = {"overrides": over, "search": {}, "runs": []}
+
+        def cfg_for(
+            seed: int, lr: float, test: bool, label: str = label, over: dict[str, Any] = over
+        ) -> FinetuneConfig:
+            kw = {**record["base"], **over, "seed": seed, "lr": lr, "progress": False, "eval_test": test}
+            kw["out"] = str(out_root / f"{_safe(label)}-lr{lr:g}-s{seed}")
+            return FinetuneConfig(**kw)
+
+        if len(lr_grid) > 1:
+            for lr in lr_grid:
+                res = _run(cfg_for(SEARCH_SEED, lr, False), data, pre)
+                row["search"][f"{lr:g}"] = {"best_val": res["best_val"], "best_epoch": res["best_epoch"]}
+                if over.get("method") == "meltr":
+                    last = res["epochs"][-1].get("meltr") or {}
+                    row.setdefault("search_meltr", {})[f"{lr:g}"] = last.get("weights")
+                bar.update(1)
+                bar.set_postfix(row=label, lr=f"{lr:g}", val=f"{res['best_val'][key]:.1f}")
+            best = max(lr_grid, key=lambda lr: _key(task, row["search"][f"{lr:g}"]["best_val"]))
+        else:
+            best = lr_grid[0]
+        row["lr"] = best
+        if over.get("method") == "meltr" and row.get("search_meltr"):
+            row["search_weights"] = row["search_meltr"][f"{best:g}"]
+        for seed in seeds:
+            res = _run(cfg_for(seed, best, True), data, pre)
+            if "search_weights" not in row and over.get("method") == "meltr":
+                row["search_weights"] = (res["epochs"][-1].get("meltr") or {}).get("weights")
+            row["runs"].append(
+                {
+                    "seed": seed,
+                    "test": res["test"],
+                    "best_val": res["best_val"],
+                    "best_epoch": res["best_epoch"],
+                    "median_epoch_seconds": res["median_epoch_seconds"],
+                    "weights_per_epoch": [(e.get("meltr") or {}).get("weights") for e in res["epochs"]],
+                    "dir": str(cfg_for(seed, best, True).out),
+                }
             )
+            bar.update(1)
+            bar.set_postfix(row=label, seed=seed, test=f"{res['test'][key]:.1f}")
+        record["rows"][label] = row
     bar.close()
-    return out
+    record["rows"] = {label: record["rows"][label] for label, _ in rows}  # the requested order
+    record["zero_shot"] = _zero_shot(probe, data, pre)
+    for ref in ("mtl", "single"):
+        if ref not in record["rows"]:
+            continue
+        ref_vals = [r["test"][key] for r in record["rows"][ref]["runs"]]
+        for row in record["rows"].values():
+            row[f"vs_{ref}"] = paired([r["test"][key] for r in row["runs"]], ref_vals)
+    record["seconds"] = time.perf_counter() - t0
+    return record
 
 
-def _ms(xs: list[float]) -> str:
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.fmean(xs):.1f} ± {sd:.1f}"
+def _zero_shot(probe: FinetuneConfig, data: Any, pre: Any) -> dict[str, Any]:
+    """The pretrained backbone, not fine-tuned, on val and test (retrieval / captioning), or the answer
+    priors (QA)."""
+    if probe.qa_kind:
+        from .qa import answer_baselines, make_qa
+
+        return {"test": answer_baselines(make_qa(data["test"], probe.qa_kind, seed=0))}
+    run = FinetuneRun(FinetuneConfig(**{**asdict(probe), "out": None}), data, pre)
+    return {"val": run.evaluate("val"), "test": run.evaluate("test")}
 
 
-def markdown(res: dict[str, list[dict[str, Any]]], cmd: str, setting: str, task: str = "retrieval") -> str:
-    """The table: test metrics (mean ± std over seeds), the selected val score, best epochs, s / epoch."""
-    metrics, key = (("R@1", "R@5", "R@10", "MedR"), "R@1") if task == "retrieval" else (("acc",), "acc")
-    lines = [
-        f"Command: `{cmd}`",
+def _ms(xs: Sequence[float]) -> str:
+    return f"{statistics.fmean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+
+
+def _pd(p: Mapping[str, float] | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['wins']}/{p['n']})"
+
+
+def markdown(rec: Mapping[str, Any], cmd: str) -> str:
+    """The paired table: test metrics (mean ± std over seeds), paired differences, selected lr."""
+    task = rec["base"]["task"]
+    key = _metric(task)
+    metrics = ("R@1", "R@5", "R@10", "MedR") if task == "retrieval" else (key,)
+    head = "| Row | lr | " + " | ".join(f"test {m}" for m in metrics)
+    head += f" | Δ{key} vs MTL (wins) | Δ{key} vs single (wins) | val {key} | s / epoch |"
+    lines = [f"Command: `{cmd}`", "", head, "| --- " * (len(metrics) + 6) + "|"]
+    for label, row in rec["rows"].items():
+        runs = row["runs"]
+        cols = " | ".join(_ms([r["test"][m] for r in runs]) for m in metrics)
+        sec = statistics.median(r["median_epoch_seconds"] for r in runs)
+        val = _ms([r["best_val"][key] for r in runs])
+        lines.append(
+            f"| {label} | {row['lr']:g} | {cols} | {_pd(row.get('vs_mtl'))} | {_pd(row.get('vs_single'))} | {val} "
+            f"| {sec:.1f} |"
+        )
+    z = rec["zero_shot"]["test"]
+    if task == "retrieval":
+        lines.append("| pretrained, not fine-tuned | - | " + " | ".join(f"{z[m]:.1f}" for m in metrics) + " | | | | |")
+    elif task.startswith("qa-"):
+        lines.append(f"| majority answer per template | - | {z['template_majority']:.1f} | | | | |")
+    b = rec["base"]
+    lines += [
         "",
-        f"Setting: {setting}",
-        "",
-        "| Run | " + " | ".join(f"test {m}" for m in metrics) + f" | val {key} (selected) | best epoch | s / epoch |",
-        "| --- " * (len(metrics) + 4) + "|",
+        f"Seeds {rec['seeds']} (paired: same pretrained init and data order per seed); learning rate per row "
+        f"chosen on val from {rec['lr_grid']} with search seed {rec['search_seed']}; up to {b['epochs']} epochs, "
+        f"the val-selected epoch tested once; batch {b['batch_size']}, K={b['K']}, gamma={b['gamma']}, meta lr "
+        f"{b['meta_lr']:g}, data {b['data']!r} {b['sizes']}; {rec['seconds'] / 60:.0f} min in this invocation "
+        "(runs read back from the cache not counted as work).",
     ]
-    for label, rs in res.items():
-        cols = " | ".join(_ms([r["test"][m] for r in rs]) for m in metrics)
-        v = _ms([r["best_val"][key] for r in rs])
-        ep = ", ".join(str(r["best_epoch"]) for r in rs)
-        sec = statistics.median([s for r in rs for s in r["epoch_seconds"]])
-        lines.append(f"| {label} | {cols} | {v} | {ep} | {sec:.1f} |")
+    weighted = {label: row["overrides"].get("weights") for label, row in rec["rows"].items()}
+    notes = [f"`{label}`: {w}" for label, w in weighted.items() if isinstance(w, dict)]
+    if notes:
+        lines += ["", "Manual weightings: " + "; ".join(notes) + "."]
     return "\n".join(lines)
+
+
+def plot(rec: Mapping[str, Any], path: Path) -> Path:
+    """Left: test key metric per row (mean, std error bar, dots = seeds). Right: paired difference to MTL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = _metric(rec["base"]["task"])
+    labels = list(rec["rows"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(labels) + 1.8), sharey=True)
+    for i, label in enumerate(labels):
+        vals = [r["test"][key] for r in rec["rows"][label]["runs"]]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        a1.errorbar(statistics.fmean(vals), i, xerr=sd, fmt="o", color="C0", capsize=3)
+        a1.plot(vals, [i] * len(vals), ".", color="0.6", ms=4)
+        p = rec["rows"][label].get("vs_mtl")
+        if p is not None:
+            a2.errorbar(p["mean"], i, xerr=p["std"], fmt="o", color="C1", capsize=3)
+    z = rec["zero_shot"]["test"].get(key)
+    if z is not None:
+        a1.axvline(z, color="k", ls="--", lw=0.8, label="not fine-tuned")
+        a1.legend(fontsize=8)
+    a2.axvline(0.0, color="k", lw=0.8)
+    a1.set_yticks(range(len(labels)), labels)
+    a1.invert_yaxis()
+    a1.set_xlabel(f"test {key} (mean ± std over seeds; dots: seeds)")
+    a2.set_xlabel(f"paired Δ{key} vs MTL (mean ± std over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_weights_over_training(rec: Mapping[str, Any], path: Path) -> Path | None:
+    """MELTR's task weights ``d L_aux / d L_t`` per epoch, AID-FP-Lite row, mean over seeds (band: min-max)."""
+    row = rec["rows"].get("MELTR AID-FP-Lite")
+    if row is None:
+        return None
+    per_seed = [r["weights_per_epoch"] for r in row["runs"] if all(r["weights_per_epoch"])]
+    if not per_seed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_seed[0][0])
+    epochs = min(len(s) for s in per_seed)
+    x = list(range(1, epochs + 1))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, n in enumerate(names):
+        ys = [[s[e][n] for s in per_seed] for e in range(epochs)]
+        ax.plot(x, [statistics.fmean(y) for y in ys], "o-", color=f"C{i}", label=n)
+        ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set(xlabel="epoch", ylabel="d L_aux / d L_t", title=f"MELTR AID-FP-Lite task weights ({len(per_seed)} seeds)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def section_name(backbone: str, task: str) -> str:
@@ -132,99 +432,77 @@ _TASK_TITLE = {
 }
 
 
-def write_section(path: Path, text: str, backbone: str = "univl", task: str = "retrieval") -> None:
-    """Write the section of (backbone, task) (hand-written notes after ``<!-- notes -->`` are kept)."""
-    name = {"univl": "UniVL", "violet": "Violet"}[backbone]
-    title = f"## MELTR fine-tuning: {_TASK_TITLE[task]}, {name}-style backbone (`examples/meltr_video/results.py`)"
-    write_results_section(path, section_name(backbone, task), f"{title}\n\n{text}")
-
-
-def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbone", choices=BACKBONES, default="univl")
-    p.add_argument("--task", choices=["retrieval", "qa-mc", "qa-oe"], default="retrieval")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-size", type=int, default=160)
-    p.add_argument("--lr", type=float, default=1e-4, help="backbone (and answer head) Adam learning rate")
-    p.add_argument("--val-size", type=int, default=100)
-    p.add_argument("--test-size", type=int, default=200)
-    p.add_argument("--pretrained", default=None, help=f"default by backbone: {DEFAULT_PRETRAINED}")
+    p.add_argument("--task", choices=["retrieval", "captioning", "qa-mc", "qa-oe"], default="retrieval")
+    p.add_argument("--seeds", default="5", help="N (seeds 0..N-1), a list 0,3 or a range 2-4")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs (the epoch is chosen on val)")
+    p.add_argument("--lr-grid", default="5e-4,1e-3,2e-3", help="backbone learning rates searched on val per row")
+    p.add_argument("--rows", default=None, help="comma-separated row labels (default: all); see --list-rows")
+    p.add_argument("--list-rows", action="store_true", help="print the row labels and exit")
     p.add_argument("--variant", action="append", default=[], help="extra row METHOD[:SOLVER]:key=value,...")
+    p.add_argument("--pretrained", default=None, help="default by backbone and data (finetune.default_pretrained)")
     p.add_argument("--out-root", type=Path, default=Path("runs/results"))
+    p.add_argument("--json", type=Path, default=None, help="write every per-seed, per-row metric here")
+    p.add_argument("--write", action="store_true", help="write the docs/results.md section and docs/img plots")
     p.add_argument("--notes", default=None, help="a markdown file whose text is appended to the section")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--reuse", action="store_true", help="resume / reuse the runs already in --out-root")
     a = p.parse_args(argv)
     if a.task not in TASKS[a.backbone]:
         p.error(f"--task {a.task} is not available for --backbone {a.backbone}")
-    torch.set_num_threads(a.threads)
-    a.pretrained = a.pretrained or DEFAULT_PRETRAINED[a.backbone]
-    if not Path(a.pretrained).exists():
-        from .pretrain import ensure_pretrained
-
-        ensure_pretrained(a.pretrained, "full", backbone=a.backbone)
-    rows: list[tuple[str, dict[str, Any]]] = [
-        ("single", {"method": "single"}),
-        ("mtl", {"method": "mtl"}),
-        ("meltr aid-fp-lite", {"method": "meltr", "solver": "aid-fp-lite"}),
-    ]
+    rows = default_rows(a.backbone, a.task)
+    if a.list_rows:
+        print("\n".join(label for label, _ in rows))
+        return {}
     try:
+        seeds = parse_seeds(a.seeds)
+        grid = [float(x) for x in a.lr_grid.split(",")]
         rows += [parse_variant(v) for v in a.variant]
     except ValueError as e:
         p.error(str(e))
-    sizes = {"train": a.train_size, "meta": 96, "val": a.val_size, "test": a.test_size}
-    base = {
-        "task": a.task, "backbone": a.backbone, "epochs": a.epochs, "pretrained": a.pretrained, "sizes": sizes,
-        "lr": a.lr,
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    out_root = a.out_root if (a.backbone, a.task) == ("univl", "retrieval") else a.out_root / f"{a.backbone}-{a.task}"
-    res = run_rows(rows, a.seeds, base, out_root, reuse=a.reuse)
-    setting = (
-        f"digit clips (train {sizes['train']} / meta {sizes['meta']} / val {sizes['val']} / test {sizes['test']}), "
-        f"backbone `{a.pretrained}`, {a.epochs} epochs, {a.seeds} seeds, batch 16, Adam lr {a.lr:g} (backbone), "
-        f"MELTR Adam 1e-3, K=3, gamma=0.1, held-out meta split; test metrics of the val-selected epoch; "
-        f"{time.perf_counter() - t0:.0f} s in this invocation."
-    )
+    if a.rows:
+        want = [r.strip() for r in a.rows.split(",")]
+        unknown = [w for w in want if w not in dict(rows)]
+        if unknown:
+            p.error(f"unknown row(s) {unknown}; rows: {[label for label, _ in rows]}")
+        keep = set(want)
+        if "all but MELTR's least" in keep and len(grid) > 1:
+            keep.add("MELTR AID-FP-Lite")
+        rows = [r for r in rows if r[0] in keep]
+    torch.set_num_threads(a.threads)
+    data = "digits" if a.backbone == "violet" or a.task.startswith("qa-") else "testbed"
+    pretrained = a.pretrained or default_pretrained(a.backbone, data)
+    if not Path(pretrained).exists():
+        from .pretrain import ensure_pretrained
+
+        ensure_pretrained(pretrained, "full", backbone=a.backbone, data=data)
+    base = {"task": a.task, "backbone": a.backbone, "epochs": a.epochs, "pretrained": pretrained, "data": data}
+    out_root = a.out_root / f"{a.backbone}-{a.task}"
+    rec = run_comparison(rows, seeds, base, grid, out_root)
     cmd = "python -m examples.meltr_video.results " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(res, cmd.strip(), setting, a.task) + "\n" + _reference_rows(a.pretrained, a.task, sizes)
+    text = markdown(rec, cmd.strip())
     print(text)
-    if not a.no_write:
-        meltr0 = res["meltr aid-fp-lite"][0]
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rec, indent=1))
+        print(f"wrote {a.json}")
+    if a.write:
+        from benchmarks.markdown import write_section
+
         imgs = ROOT / "docs" / "img"
         suffix = "" if (a.backbone, a.task) == ("univl", "retrieval") else f"_{a.backbone}_{a.task}"
-        plot_response(meltr0, imgs / f"meltr_response{suffix}.png")
-        plot_weights(meltr0, imgs / f"meltr_weights{suffix}.png")
-        text += (
-            f"\n\n![MELTR response](img/meltr_response{suffix}.png)\n"
-            f"![MELTR task weights](img/meltr_weights{suffix}.png)"
-        )
+        plot(rec, imgs / f"meltr_paired{suffix}.png")
+        text += f"\n\n![paired comparison](img/meltr_paired{suffix}.png)"
+        if plot_weights_over_training(rec, imgs / f"meltr_weights{suffix}.png") is not None:
+            text += f"\n![MELTR task weights](img/meltr_weights{suffix}.png)"
         if a.notes:
             text += "\n\n" + Path(a.notes).read_text(encoding="utf-8").strip()
-        write_section(ROOT / "docs" / "results.md", text, a.backbone, a.task)
-    return res
-
-
-def _reference_rows(pretrained: str, task: str, sizes: dict[str, int]) -> str:
-    """Rows without fine-tuning: retrieval with the pretrained backbone as is; QA: answer-prior baselines."""
-    test = make_digit_clips(0, sizes=sizes)["test"]
-    if task == "retrieval":
-        from .evaluate import retrieval_eval
-        from .pretrain import load_pretrained
-
-        model, tok, _ = load_pretrained(pretrained)
-        z = retrieval_eval(model, test, tok)
-        cols = " | ".join(f"{z[m]:.1f}" for m in ("R@1", "R@5", "R@10", "MedR"))
-        return f"| pretrained backbone, no fine-tuning | {cols} | - | - | - |"
-    from .qa import answer_baselines, make_qa
-
-    b = answer_baselines(make_qa(test, task[3:], seed=0))
-    return (
-        f"| majority answer (test) | {b['majority']:.1f} | - | - | - |\n"
-        f"| majority answer per question template (test) | {b['template_majority']:.1f} | - | - | - |"
-    )
+        name = {"univl": "UniVL", "violet": "Violet"}[a.backbone]
+        title = f"## MELTR fine-tuning: {_TASK_TITLE[a.task]}, {name}-style backbone"
+        title += " (`examples/meltr_video/results.py`)"
+        write_section(ROOT / "docs" / "results.md", section_name(a.backbone, a.task), f"{title}\n\n{text}")
+    return rec
 
 
 if __name__ == "__main__":

@@ -193,6 +193,63 @@ class CrossEncoder(nn.Module):
         """[N, L, H] -> [N]: the matching score ``w^T pooled + b`` from the first ([CLS]) position."""
         return self.score(self.pooled(h)).squeeze(-1)
 
+    def can_score_all_pairs(self) -> bool:
+        """Whether :meth:`all_pair_scores` applies: one post-LN layer, evaluation mode."""
+        layers = self.encoder.layers
+        return not self.training and len(layers) == 1 and not layers[0].norm_first
+
+    @torch.no_grad()
+    def all_pair_scores(self, t: Tensor, tm: Tensor, v: Tensor, vm: Tensor, rows: int = 64) -> Tensor:
+        """``pooled_score(self(t_i, tm_i, v_j, vm_j))`` for every pair: scores [Nt, Nv], without running the
+        encoder on the Nt * Nv concatenated sequences.
+
+        Exact rewrite for one post-LN layer in evaluation mode (:meth:`can_score_all_pairs`). The score
+        reads only position 0 ([CLS], a text token), and before the layer every token is normalised on
+        its own, so keys, values and the [CLS] query are per text or per video. Per head, with text
+        scores ``s_l = q.k_l`` (``l`` < Lt) and video scores ``u_f = q.k_f``::
+
+            attn_0 = (sum_l e^{s_l - m} v_l + sum_f e^{u_f - m} v_f) / (sum_l e^{s_l - m} + sum_f e^{u_f - m})
+
+        The text sums are computed once per text (with the text maximum, rescaled by ``e^{m_text - m}``
+        to the pair's maximum ``m``); only the video sums, the output projection, the feed-forward block
+        and the pooler run per pair. Equal to the per-pair encoder up to float rounding (tested).
+        """
+        if not self.can_score_all_pairs():
+            raise ValueError("all_pair_scores needs one post-LN layer in eval mode; use forward on each pair")
+        layer = self.encoder.layers[0]
+        attn = layer.self_attn
+        H, nh = attn.embed_dim, attn.num_heads
+        d = H // nh
+        Nt, Lt, Nv, Fv = t.shape[0], t.shape[1], v.shape[0], v.shape[1]
+        pos = self.position_embeddings.weight
+        xt = self.norm(t + self.type_embeddings.weight[0] + pos[:Lt])
+        xv = self.norm(v + self.type_embeddings.weight[1] + pos[Lt : Lt + Fv])
+        W, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(xt[:, 0], W[:H], b[:H]).view(Nt, nh, d) * d**-0.5
+        kt = F.linear(xt, W[H : 2 * H], b[H : 2 * H]).view(Nt, Lt, nh, d)
+        vt = F.linear(xt, W[2 * H :], b[2 * H :]).view(Nt, Lt, nh, d)
+        kv = F.linear(xv, W[H : 2 * H], b[H : 2 * H]).view(Nv, Fv, nh, d)
+        vv = F.linear(xv, W[2 * H :], b[2 * H :]).view(Nv, Fv, nh, d)
+        st = torch.einsum("ihd,ilhd->ihl", q, kt).masked_fill(~tm[:, None, :], float("-inf"))
+        mt = st.amax(-1)  # [Nt, nh]; finite: [CLS] is never padding
+        et = torch.exp(st - mt[..., None])
+        at, zt = torch.einsum("ihl,ilhd->ihd", et, vt), et.sum(-1)  # [Nt, nh, d], [Nt, nh]
+        vmask = ~vm[None, :, None, :]
+        out = []
+        for i in range(0, Nt, rows):
+            sl = slice(i, i + rows)
+            u = torch.einsum("ihd,jfhd->ijhf", q[sl], kv).masked_fill(vmask, float("-inf"))  # [n, Nv, nh, F]
+            m = torch.maximum(mt[sl, None, :], u.amax(-1))  # [n, Nv, nh]
+            ev = torch.exp(u - m[..., None])
+            rescale = torch.exp(mt[sl, None, :] - m)
+            num = at[sl, None] * rescale[..., None] + torch.einsum("ijhf,jfhd->ijhd", ev, vv)
+            den = zt[sl, None] * rescale + ev.sum(-1)
+            h = attn.out_proj((num / den[..., None]).reshape(num.shape[0], Nv, H))
+            h = layer.norm1(xt[sl, 0][:, None, :] + h)
+            h = layer.norm2(h + layer.linear2(layer.activation(layer.linear1(h))))
+            out.append(self.score(torch.tanh(self.pooler(h))).squeeze(-1))
+        return torch.cat(out)
+
 
 class CaptionDecoder(nn.Module):
     def __init__(self, cfg: UniVLConfig):
@@ -391,8 +448,9 @@ class UniVL(nn.Module):
     ) -> Tensor:
         """Text-video similarity [Nt, Nv] (row i: text i against every video).
 
-        ``mode="cross"``: cross-encoder matching scores (UniVL's retrieval score, pairs in chunks of
-        ``chunk``); ``"joint"``: cosine of the pooled encoder outputs.
+        ``mode="cross"``: cross-encoder matching scores (UniVL's retrieval score; with a one-layer cross
+        encoder in eval mode by :meth:`CrossEncoder.all_pair_scores`, else pairs in chunks of ``chunk``);
+        ``"joint"``: cosine of the pooled encoder outputs.
         """
         if mode not in ("cross", "joint"):
             raise ValueError(f"mode must be 'cross' or 'joint', got {mode!r}")
@@ -401,6 +459,8 @@ class UniVL(nn.Module):
             v = self.video(video, video_mask)
             if mode == "joint":
                 return self.joint_similarity(t, v, video_mask)
+            if self.cross.can_score_all_pairs():
+                return self.cross.all_pair_scores(t, text_mask, v, video_mask)
             rows = max(1, chunk // max(1, v.shape[0]))
             return torch.cat(
                 [
