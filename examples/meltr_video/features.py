@@ -104,7 +104,6 @@ def train_frame_encoder(images: np.ndarray, labels: np.ndarray, settings: Encode
         model = FrameEncoder()
         opt = torch.optim.Adam(model.parameters(), lr=s.lr)
         rng = np.random.default_rng([s.seed, 77])
-        x_all = torch.as_tensor(images, dtype=torch.float32)
         y_all = torch.as_tensor(labels, dtype=torch.long)
         n, room = len(images), s.canvas - 8
         for _ in range(s.epochs):
@@ -121,7 +120,6 @@ def train_frame_encoder(images: np.ndarray, labels: np.ndarray, settings: Encode
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        del x_all
     return model.eval()
 
 

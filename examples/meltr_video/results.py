@@ -8,8 +8,8 @@ Protocol (fixed before any MELTR run on the testbed; ``docs/testbed.md``):
 
 1. **Rows.** ``single`` (primary loss only), ``mtl`` (sum of all losses), ``mtl+meta`` (MTL also trained
    on the meta split, so it sees every labelled pair MELTR sees), the paper's Table 7 manual weightings
-   adapted to the backbone's losses (UniVL: primary + caption loss; all ones but the loss MELTR weighs
-   least; a scale-normalised sum ``w_t = L_primary / L_t`` at the pretrained backbone), and MELTR with
+   adapted to the backbone's losses (UniVL: primary + caption loss; all ones but the auxiliary loss MELTR
+   weighs least; a scale-normalised sum ``w_t = L_primary / L_t`` at the pretrained backbone), and MELTR with
    each solver (AID-FP-Lite, AID-CG, AID-FP, ITD, StocBiO). ``--rows`` picks a subset.
 2. **Learning rate, same budget for every row.** Each row is trained once per value of ``--lr-grid``
    (search seed 1000, never one of the reported seeds) and keeps the value with the best val score
@@ -239,7 +239,8 @@ def run_comparison(
             if lite is None:
                 raise ValueError("the 'all but MELTR's least' row needs the 'MELTR AID-FP-Lite' row")
             w = lite["search_weights"]
-            least = min(w, key=w.get)
+            primary = TASKS[probe.backbone][task]
+            least = min((n for n in w if n != primary), key=w.get)  # the primary always stays
             over["weights"] = {n: (0.0 if n == least else 1.0) for n in w}
         row: dict[str, Any] = {"overrides": over, "search": {}, "runs": []}
 

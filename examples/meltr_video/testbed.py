@@ -146,7 +146,8 @@ def make_testbed(
     Returns:
         :class:`~examples.meltr_video.data.DigitSplits` with :func:`testbed_tokenizer`; every record's
         ``features`` is float32 ``[frames, 1024]`` and ``info`` holds ``style``, ``digits``,
-        ``motions``, ``starts`` (cells) and ``distractor`` (digit or None).
+        ``motions``, ``starts`` (cells), ``distractor`` (digit or None) and ``images`` (the ``load_digits``
+        indices pasted, distractor first).
     Raises:
         ValueError for an unknown split or feature kind, a negative size, or sizes whose unique
         captions cannot be drawn.
@@ -185,10 +186,14 @@ def make_testbed(
         for i in range(n):
             for _attempt in range(1000):
                 canvas = np.zeros((frames, CANVAS, CANVAS), dtype=np.float32)
-                info: dict[str, Any] = {"style": style, "digits": [], "motions": [], "starts": [], "distractor": None}
+                info: dict[str, Any] = {
+                    "style": style, "digits": [], "motions": [], "starts": [], "distractor": None, "images": [],
+                }  # fmt: skip
                 if style == "target" and rng.random() < p_distractor:
                     d = int(rng.integers(10))
-                    img = images[rng.choice(by_label[d])]
+                    k = int(rng.choice(by_label[d]))
+                    img = images[k]
+                    info["images"].append(k)
                     r, c = rng.integers(0, CANVAS - DIGIT + 1, size=2)
                     for t in range(frames):
                         _paste(canvas[t], img, int(r), int(c), 0.5)
@@ -198,7 +203,9 @@ def make_testbed(
                     digits.append(int(rng.choice([d for d in range(10) if d != digits[0]])))
                 parts = []
                 for d in digits:
-                    img = images[rng.choice(by_label[d])]
+                    k = int(rng.choice(by_label[d]))
+                    img = images[k]
+                    info["images"].append(k)
                     motion, off, start = _draw_digit(rng, frames, speed)
                     for t in range(frames):
                         _paste(canvas[t], img, int(start[0] + off[t, 0]), int(start[1] + off[t, 1]))
