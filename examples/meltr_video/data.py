@@ -55,6 +55,7 @@ __all__ = [
     "load_msrvtt",
     "load_youcook2",
     "make_digit_clips",
+    "msrvtt_splits",
     "safe_load_pickle",
 ]
 
@@ -560,6 +561,95 @@ def load_msrvtt(
     if not records:
         raise ValueError(f"{csv_path}: no videos listed")
     return VideoTextDataset(records)
+
+
+def msrvtt_splits(
+    features_path: str | Path,
+    train_csv: str | Path,
+    json_path: str | Path | None,
+    test_csv: str | Path,
+    meta_videos: int,
+    val_videos: int,
+    train_videos: int | None = None,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    max_frames: int | None = None,
+    feature_dim: int = 1024,
+) -> DigitSplits:
+    """MSRVTT text-to-video retrieval splits from the files UniVL distributes, with ``meta`` and ``val``
+    carved from the training videos.
+
+    Args:
+        features_path: the features pickle ``{video_id: float array [frames, feature_dim]}`` (read with
+            :func:`safe_load_pickle`, twice: once per CSV).
+        train_csv: ``MSRVTT_train.7k.csv`` or ``MSRVTT_train.9k.csv`` (a ``video_id`` column); with
+            ``json_path`` (``MSRVTT_data.json``) every caption of each listed video becomes a pair
+            (:func:`load_msrvtt`; ``json_path`` may be None only if the CSV has a ``sentence`` column).
+        test_csv: ``MSRVTT_JSFUSION_test.csv`` (``key,vid_key,video_id,sentence``): the ``test`` split
+            is its pairs, one per row, in its order.
+        meta_videos, val_videos: videos of the training CSV moved to the ``meta`` and ``val`` splits:
+            the distinct training videos (sorted) are shuffled with ``numpy.random.default_rng(seed)``;
+            the first ``meta_videos`` go to ``meta``, the next ``val_videos`` to ``val``, the rest (or
+            the next ``train_videos`` of them) to ``train``. All captions of a video stay in its split.
+        tokenizer: the vocabulary of the returned splits. A pretrained backbone needs its own (pass
+            it): words outside it become ``[UNK]``. None: :meth:`Tokenizer.from_captions` of ``train``.
+        max_frames: clips with more frames are subsampled uniformly to ``max_frames`` (as
+            :class:`Collate` does), e.g. the backbone's position table; None keeps every frame.
+    Returns:
+        :class:`DigitSplits` with ``train``, ``meta``, ``val``, ``test``.
+    Raises:
+        ValueError naming ``train_csv`` when it has too few videos for the requested splits, naming
+        both CSVs when a test video is also a training video, and the errors of :func:`load_msrvtt`.
+    """
+    checks = (
+        ("meta_videos", meta_videos, 0, False),
+        ("val_videos", val_videos, 0, False),
+        ("train_videos", train_videos, 1, True),
+        ("max_frames", max_frames, 1, True),
+    )
+    for name, v, lo, optional in checks:
+        if v is None and optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= {lo}, got {v!r}")
+    train_all = load_msrvtt(features_path, train_csv, json_path, feature_dim)
+    test = load_msrvtt(features_path, test_csv, None, feature_dim)
+    vids = sorted({r.video_id for r in train_all.records})
+    n_train = len(vids) - meta_videos - val_videos
+    if n_train < (train_videos or 1):
+        want = "at least one" if train_videos is None else str(train_videos)
+        raise ValueError(
+            f"{train_csv}: only {len(vids)} training videos, too few for meta {meta_videos} + val {val_videos} "
+            f"+ {want} training video(s)"
+        )
+    overlap = sorted({r.video_id for r in test.records} & set(vids))
+    if overlap:
+        raise ValueError(
+            f"{test_csv}: {len(overlap)} test video(s) are also in the training file {train_csv} (e.g. {overlap[0]!r})"
+        )
+    perm = np.random.default_rng(seed).permutation(len(vids))
+    order = [vids[i] for i in perm]
+    split_of = {v: "meta" for v in order[:meta_videos]}
+    split_of.update({v: "val" for v in order[meta_videos : meta_videos + val_videos]})
+    rest = order[meta_videos + val_videos :]
+    split_of.update({v: "train" for v in (rest if train_videos is None else rest[:train_videos])})
+    cut: dict[int, np.ndarray] = {}  # subsampled features, one array per distinct array (shared by captions)
+
+    def frames(f: np.ndarray) -> np.ndarray:
+        if max_frames is None or f.shape[0] <= max_frames:
+            return f
+        if id(f) not in cut:
+            cut[id(f)] = f[np.linspace(0, f.shape[0] - 1, max_frames).round().astype(int)]
+        return cut[id(f)]
+
+    recs: dict[str, list[VideoTextRecord]] = {"train": [], "meta": [], "val": [], "test": []}
+    for r in train_all.records:
+        if r.video_id in split_of:
+            recs[split_of[r.video_id]].append(VideoTextRecord(r.video_id, r.caption, frames(r.features)))
+    recs["test"] = [VideoTextRecord(r.video_id, r.caption, frames(r.features)) for r in test.records]
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_captions(r.caption for r in recs["train"])
+    return DigitSplits({k: VideoTextDataset(v) for k, v in recs.items()}, tokenizer)
 
 
 def load_youcook2(
