@@ -352,3 +352,15 @@ def test_shipped_checkpoint_loads_with_the_testbed_vocabulary():
     assert tok.vocab == vocabulary().vocab
     assert meta["settings"]["data"] == "testbed" and meta["val_after"]["R@1"] >= 30
     assert SHIPPED_CHECKPOINT.stat().st_size < 10 * 2**20
+
+
+def test_initial_meltr_weights(bed, monkeypatch):
+    """The analysis of MELTR before any hyper step: one row per seed, 8 finite weights, outputs differ by seed."""
+    from examples.meltr_video import analysis
+
+    monkeypatch.setattr("examples.meltr_video.testbed.make_testbed", lambda *a, **k: bed)
+    rows = analysis.initial_weights([0, 1], batch_size=8)
+    assert [r["seed"] for r in rows] == [0, 1]
+    for r in rows:
+        assert len(r["weights"]) == 8 and all(np.isfinite(list(r["weights"].values())))
+    assert rows[0]["L_aux"] != rows[1]["L_aux"] and rows[0]["losses"] == rows[1]["losses"]

@@ -8,17 +8,22 @@
   written by :meth:`~examples.meltr_video.finetune.FinetuneRun.finish`).
 * ``meltr_weights.png`` (Fig. 4): each task's weight ``d L_aux / d L_t`` at that batch's losses after
   every epoch (``results["epochs"][i]["meltr"]["weights"]``).
+
+``python -m examples.meltr_video.analysis --init-weights [--seeds 3]`` prints, instead, MELTR's output
+and task weights ``d L_aux / d L_t`` *at initialisation* (before any hyper step), for each seed's MELTR
+at the shipped testbed backbone's losses on the first 16 training pairs: the direction the first
+inner steps of a MELTR run take.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "plot_response", "plot_weights"]
+__all__ = ["initial_weights", "main", "plot_response", "plot_weights"]
 
 
 def _plt() -> Any:
@@ -83,11 +88,56 @@ def _save(fig: Any, path: str | Path, plt: Any) -> Path:
     return path
 
 
+def initial_weights(seeds: Sequence[int], batch_size: int = 16) -> list[dict[str, Any]]:
+    """Per seed: MELTR's output and ``d L_aux / d L_t`` before training, at the pretrained testbed
+    backbone's losses on the first ``batch_size`` training pairs (masks seeded with 1)."""
+    import torch
+
+    from .finetune import FinetuneConfig, FinetuneRun
+    from .meltr import loss_gradient
+    from .testbed import make_testbed
+
+    cfg0 = FinetuneConfig(method="meltr", progress=False)
+    data = make_testbed(cfg0.data_seed, sizes=cfg0.sizes)
+    out = []
+    for seed in seeds:
+        run = FinetuneRun(FinetuneConfig(method="meltr", seed=seed, progress=False), data)
+        batch = run.collate(seed=1)([run.sets["train"][i] for i in range(batch_size)])
+        with torch.no_grad():
+            lv = run.obj.losses(run.obj.params, batch)
+        assert run.meltr is not None
+        with torch.enable_grad():
+            w = loss_gradient(run.meltr, lv)
+        names = run.meltr.task_names
+        out.append(
+            {
+                "seed": seed,
+                "L_aux": float(run.meltr(lv).detach()),
+                "losses": dict(zip(names, lv.tolist(), strict=True)),
+                "weights": dict(zip(names, w.tolist(), strict=True)),
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", type=Path, help="results.json of a MELTR fine-tuning run")
+    p.add_argument("results", type=Path, nargs="?", help="results.json of a MELTR fine-tuning run")
     p.add_argument("--out-dir", type=Path, default=Path("docs/img"))
+    p.add_argument("--init-weights", action="store_true", help="print MELTR's task weights at initialisation")
+    p.add_argument("--seeds", type=int, default=3, help="with --init-weights: seeds 0..N-1")
     a = p.parse_args(argv)
+    if a.init_weights:
+        rows = initial_weights(range(a.seeds))
+        names = list(rows[0]["weights"])
+        print("| seed | L_aux | " + " | ".join(names) + " |")
+        print("| --- " * (len(names) + 2) + "|")
+        print("| losses | | " + " | ".join(f"{rows[0]['losses'][n]:.3f}" for n in names) + " |")
+        for r in rows:
+            print(f"| {r['seed']} | {r['L_aux']:.3f} | " + " | ".join(f"{r['weights'][n]:+.4f}" for n in names) + " |")
+        return []
+    if a.results is None:
+        p.error("give a results.json (or --init-weights)")
     res = json.loads(a.results.read_text())
     out = [plot_response(res, a.out_dir / "meltr_response.png"), plot_weights(res, a.out_dir / "meltr_weights.png")]
     for o in out:
