@@ -55,10 +55,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.markdown import write_section as write_results_section
 from examples.meltr_video.data import DigitSplits, msrvtt_splits
 from examples.meltr_video.finetune import DATA_SIZES, SHIPPED_CHECKPOINT, FinetuneConfig, FinetuneRun
 from examples.meltr_video.testbed import make_testbed
+from examples.results_md import write_section as write_results_section
 
 BEGIN, END = "<!-- BEGIN table8 -->", "<!-- END table8 -->"
 NOTES = "<!-- notes -->"

@@ -53,8 +53,8 @@ import torch
 from tqdm import tqdm
 
 import bilevel as bl
-from benchmarks.markdown import write_section as write_results_section
 from bilevel import testing
+from examples.results_md import write_section as write_results_section
 
 from ._measure import MemoryPoint, measure_memory, time_call
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import bilevel as bl
-from benchmarks.markdown import write_section as write_results_section
+from examples.results_md import write_section as write_results_section
 
 SOLVERS = {
     "aid-fp-lite": {},

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.markdown import write_section
+from examples.results_md import write_section
 
 from .cleaning import SOLVER_NAMES, CleaningResult, fit_baseline, load_cleaning_data, run_cleaning
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.markdown import write_section
+from examples.results_md import write_section
 
 from .digits import load_digit_splits
 from .train import ImageConfig, ImageResult, train_method

@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.json.write_text(json.dumps(rec, indent=1))
         print(f"wrote {a.json}")
     if a.write:
-        from benchmarks.markdown import write_section
+        from examples.results_md import write_section
 
         imgs = ROOT / "docs" / "img"
         suffix = "" if (a.backbone, a.task) == ("univl", "retrieval") else f"_{a.backbone}_{a.task}"

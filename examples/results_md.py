@@ -1,5 +1,8 @@
 """Write one script's section of ``docs/results.md``, leaving every other section as it is.
 
+Shared by the examples and the benchmarks; it lives in ``examples/`` because benchmarks may import
+examples, not the reverse.
+
 A section is the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->``; hand-written
 analysis after a ``<!-- notes -->`` line inside a section survives a re-run of its script.
 """
