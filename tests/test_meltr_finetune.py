@@ -133,11 +133,13 @@ def test_bad_config_is_rejected():
 def test_eval_threads_apply_to_the_block_only():
     import torch
 
+    from examples.meltr_video._util import num_threads
+
     before = torch.get_num_threads()
-    with ft._num_threads(before + 1):
+    with num_threads(before + 1):
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
-    with ft._num_threads(None):
+    with num_threads(None):
         assert torch.get_num_threads() == before
     with pytest.raises(FileNotFoundError, match="pretrain"):
         ft.FinetuneRun(ft.FinetuneConfig(pretrained="/nonexistent.pt"))

@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._util import atomic_write, num_threads
 
 __all__ = ["EncoderSettings", "FrameEncoder", "encode_frames", "frame_encoder", "train_frame_encoder"]
 
@@ -79,16 +77,6 @@ class FrameEncoder(nn.Module):
         return F.adaptive_max_pool2d(self.feature_map(x), grid).flatten(1)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_frame_encoder(images: np.ndarray, labels: np.ndarray, settings: EncoderSettings) -> FrameEncoder:
     """Train :class:`FrameEncoder` on 8x8 ``images`` [N, 8, 8] (values in [0, 1]) with their ``labels``.
 
@@ -99,7 +87,7 @@ def train_frame_encoder(images: np.ndarray, labels: np.ndarray, settings: Encode
     if images.ndim != 3 or images.shape[1:] != (8, 8) or len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need images [N, 8, 8] and N labels, got {images.shape} and {len(labels)} labels")
     s = settings
-    with _one_thread():
+    with num_threads(1):
         torch.manual_seed(s.seed)
         model = FrameEncoder()
         opt = torch.optim.Adam(model.parameters(), lr=s.lr)
@@ -128,7 +116,7 @@ def encode_frames(model: FrameEncoder, frames: np.ndarray, batch: int = 2048) ->
     """Features of ``frames`` [..., 32, 32] -> float32 [..., 1024] (one thread: deterministic)."""
     lead = frames.shape[:-2]
     flat = torch.as_tensor(np.ascontiguousarray(frames), dtype=torch.float32).reshape(-1, *frames.shape[-2:])
-    with _one_thread():
+    with num_threads(1):
         out = torch.cat([model.features(flat[k : k + batch]) for k in range(0, len(flat), batch)])
     return out.numpy().reshape(*lead, -1)
 
@@ -168,18 +156,6 @@ def _load_cached(path: Path, sidecar: Path) -> FrameEncoder | None:
     return model.eval()
 
 
-def _atomic(path: Path, write: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)  # type: ignore[operator]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def frame_encoder(
     images: np.ndarray,
     labels: np.ndarray,
@@ -207,6 +183,6 @@ def frame_encoder(
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
-    _atomic(path, write_npz)
-    _atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"sha256": _digest(arrays), **asdict(settings)})))
+    atomic_write(path, write_npz)
+    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"sha256": _digest(arrays), **asdict(settings)})))
     return model

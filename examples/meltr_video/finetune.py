@@ -40,13 +40,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +54,7 @@ from torch import Tensor, nn
 import bilevel as bl
 from bilevel.solvers import AIDSolver
 
+from ._util import atomic_write, num_threads
 from .data import Collate, DigitSplits, Tokenizer, VideoTextDataset, make_digit_clips
 from .evaluate import caption_eval, retrieval_eval
 from .meltr import MELTR, MELTRObjectives, loss_gradient, response_curve
@@ -387,18 +385,6 @@ class _SolverStats(bl.Callback):
         return out
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _score(task: str, m: Mapping[str, float]) -> tuple[float, ...]:
     """Val model-selection key (larger is better): R@1, R@5, -MedR for retrieval; accuracy for QA;
     CIDEr, BLEU-4 for captioning."""
@@ -578,7 +564,7 @@ class FinetuneRun:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of the backbone on ``split`` (retrieval: R@k, MedR; captioning: BLEU, ROUGE-L, CIDEr[, METEOR])."""
-        with _num_threads(self.cfg.eval_threads):
+        with num_threads(self.cfg.eval_threads):
             return self._evaluate(split)
 
     def _evaluate(self, split: str) -> dict[str, float]:
@@ -635,10 +621,10 @@ class FinetuneRun:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out is not None:
                 state = {"backbone": self.best_state, "epoch": self.best}
-                _atomic_write(self.out / "best.pt", lambda p: torch.save(state, p))
+                atomic_write(self.out / "best.pt", lambda p: torch.save(state, p))
         if self.out is not None:
             gens = {"epoch": self.trainer.epoch, **{k: g.get_state() for k, g in self.gens.items()}}
-            _atomic_write(self.out / "data_rng.pt", lambda p: torch.save(gens, p))
+            atomic_write(self.out / "data_rng.pt", lambda p: torch.save(gens, p))
         self._save()
         return rec
 
@@ -654,8 +640,8 @@ class FinetuneRun:
         if self.meltr is not None:
             res["response"] = self.response()
         if self.out is not None:
-            _atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
-            _atomic_write(self.out / "meltr.pt", lambda p: torch.save(self.meltr.state_dict() if self.meltr else {}, p))
+            atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+            atomic_write(self.out / "meltr.pt", lambda p: torch.save(self.meltr.state_dict() if self.meltr else {}, p))
         return res
 
     @torch.no_grad()
@@ -691,7 +677,7 @@ class FinetuneRun:
     def _save(self) -> None:
         if self.out is not None:
             res = self.results()
-            _atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+            atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
 
     def _resume(self) -> None:
         assert self.out is not None
@@ -760,20 +746,6 @@ def finetune(
     if cfg.progress and res["test"] is not None:
         print(f"[{cfg.name} seed {cfg.seed}] test (val-selected epoch {res['best_epoch']}): {_fmt(res['test'])}")
     return res
-
-
-@contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the block (nothing when ``n`` is None)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fmt(m: Mapping[str, float]) -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pickle
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._util import atomic_write
 from .data import SPECIAL_TOKENS, Collate, Tokenizer, make_digit_clips
 from .evaluate import retrieval_eval
 from .testbed import make_testbed, testbed_tokenizer
@@ -74,16 +73,7 @@ _PRIMARY_OF = {"univl": "alignment", "violet": "vtm"}
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:
