@@ -33,7 +33,10 @@ def test_every_golden_case_is_computed(current):
 
 @pytest.mark.parametrize("case", sorted(GOLDEN))
 def test_preset_hypergradient_is_unchanged(current, case):
-    want, got = torch.tensor(GOLDEN[case]["lam"], dtype=torch.float64), torch.tensor(current[case]["lam"])
+    want, got = (
+        torch.tensor(GOLDEN[case]["lam"], dtype=torch.float64),
+        torch.tensor(current[case]["lam"], dtype=torch.float64),
+    )
     assert float((got - want).norm()) <= 1e-13 * max(float(want.norm()), 1e-300)
     w_info, g_info = GOLDEN[case]["info"], current[case]["info"]
     for key in ("iters", "converged", "negative_curvature", "diverged", "n_hvp"):
