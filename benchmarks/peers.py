@@ -376,8 +376,9 @@ class PeerSolver(bl.Solver):
         require(self.peer)
         self.name = f"{self.peer}:{self.method}"  # type: ignore[misc]
 
-    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
-        if self._reduce is not None:
+    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, call):
+        info = call.info
+        if call.reduce is not None:
             raise NotImplementedError(f"{self.name}: the peers have no data-parallel reduce hook")
         hg = peer_hypergrad(
             self.peer, self.method, problem, params, hparams, inner_batch, outer_batch,

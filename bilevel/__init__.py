@@ -12,18 +12,24 @@ Quick use::
     hg = solver.hypergrad(problem, params, hparams, inner_batch, outer_batch)
 
 Solvers: ``"itd"`` (:class:`ITD`), ``"aid-cg"`` (:class:`AIDCG`), ``"aid-fp"`` (:class:`AIDFP`),
-``"aid-fp-lite"`` (:class:`AIDFPLite`), ``"stocbio"`` (:class:`StocBiO`).
+``"aid-fp-lite"`` (:class:`AIDFPLite`), ``"stocbio"`` (:class:`StocBiO`). The AID presets are one
+formula with a linear solve from :mod:`bilevel.linalg` (``cg``, ``neumann``, ``identity``);
+:class:`AID` takes any. A caller's :class:`Linearization` of ``g`` (e.g. the one its inner step
+made) serves an AID hypergradient directly: ``solver.hypergrad_at(lin, outer_batch)``.
 """
 
+from . import linalg
 from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDivergenceError, NeumannDivergenceWarning
 from .functional import FunctionalModule, functional_module, load_params
 from .problem import BilevelProblem
-from .solvers import AIDCG, AIDFP, ITD, SOLVERS, AIDFPLite, HypergradInfo, Solver, StocBiO, get_solver
+from .products import Linearization
+from .solvers import AID, AIDCG, AIDFP, ITD, SOLVERS, AIDFPLite, HypergradInfo, Solver, StocBiO, get_solver
 from .training import BilevelTrainer, Callback, NonFiniteError, TrainerConfig, mtl_objective, single_task_objective
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AID",
     "AIDCG",
     "AIDFP",
     "ITD",
@@ -34,6 +40,7 @@ __all__ = [
     "Callback",
     "FunctionalModule",
     "HypergradInfo",
+    "Linearization",
     "NegativeCurvatureError",
     "NegativeCurvatureWarning",
     "NeumannDivergenceError",
@@ -44,6 +51,7 @@ __all__ = [
     "TrainerConfig",
     "functional_module",
     "get_solver",
+    "linalg",
     "load_params",
     "mtl_objective",
     "single_task_objective",

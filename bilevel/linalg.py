@@ -1,8 +1,21 @@
-"""Linear solvers for ``H v = b`` that touch ``H`` only through products ``p -> H p``.
+"""Linear solves ``v ~ H^{-1} b`` that touch ``H`` only through products ``p -> H p``.
 
-``b`` and ``v`` are trees (``dict[str, Tensor]``) treated as one vector; ``hvp`` is any
-callable ``p -> H p`` on such trees (e.g. :meth:`bilevel.products.Linearization.hvp`).
-Both solvers keep O(1) trees alive, so their memory does not grow with the iteration count.
+A linear solve is a function ``solve(matvec, b) -> (v, SolveResult)`` (jaxopt's ``linear_solve``
+shape): ``b`` and ``v`` are trees (``dict[str, Tensor]``) treated as one vector, ``matvec`` is any
+callable ``p -> H p`` on such trees (e.g. :meth:`bilevel.products.Linearization.hvp`, or one that
+draws a fresh batch per product, :func:`bilevel.products.resampled_hvp`). The factories fix the
+options and return such a function:
+
+=========================================== ============================================ =========
+factory                                     computes                                     products
+=========================================== ============================================ =========
+:func:`cg` ``(iters, tol, ...)``            conjugate gradient on ``H v = b``            ``<= iters``
+:func:`neumann` ``(iters, alpha, ...)``     ``alpha sum_{j=0}^{iters} (I - alpha H)^j b`` ``iters``
+:func:`identity` ``(scale)``                ``scale * b`` (``H^{-1} ~ scale I``)          0
+=========================================== ============================================ =========
+
+The iterations themselves are :func:`conjugate_gradient` and :func:`neumann_series`. Both keep O(1)
+trees alive, so their memory does not grow with the iteration count.
 """
 
 from __future__ import annotations
@@ -11,15 +24,28 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
+from ._checks import check_choice, check_int, check_positive
 from ._tree import Tree, tree_add, tree_dot, tree_norm, tree_scale, tree_zeros_like
 from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDivergenceError, NeumannDivergenceWarning
 
-__all__ = ["Policy", "SolveResult", "conjugate_gradient", "neumann_series"]
+__all__ = [
+    "LinearSolve",
+    "MatVec",
+    "SolvePolicy",
+    "SolveResult",
+    "cg",
+    "conjugate_gradient",
+    "identity",
+    "neumann",
+    "neumann_series",
+]
 
-HVP = Callable[[Tree], Tree]
-Policy = Literal["raise", "warn", "ignore"]
+MatVec = Callable[[Tree], Tree]
+SolvePolicy = Literal["raise", "warn", "ignore"]
+"""What a solve does when it meets its failure (CG: negative curvature, Neumann: divergence)."""
 POLICIES: tuple[str, ...] = ("raise", "warn", "ignore")
 
 
@@ -49,12 +75,48 @@ def _handle(policy: str, error: type[Exception], warning: type[Warning], message
         warnings.warn(message, warning, stacklevel=4)
 
 
+LinearSolve = Callable[[MatVec, Tree], tuple[Tree, SolveResult]]
+"""``solve(matvec, b) -> (v, result)`` with ``v ~ H^{-1} b`` for ``H`` given by ``matvec``."""
+
+
+def cg(iters: int = 20, tol: float = 1e-10, on_negative_curvature: SolvePolicy = "warn") -> LinearSolve:
+    """Conjugate gradient as a linear solve: ``cg(...)(matvec, b)`` is :func:`conjugate_gradient`."""
+    check_int("iters", iters, 0)
+    check_positive("tol", tol)
+    check_choice("on_negative_curvature", on_negative_curvature, POLICIES)
+    return partial(conjugate_gradient, iters=iters, tol=tol, on_negative_curvature=on_negative_curvature)
+
+
+def neumann(
+    iters: int = 20, alpha: float = 0.01, on_divergence: SolvePolicy = "raise", divergence_factor: float = 10.0
+) -> LinearSolve:
+    """The truncated Neumann series as a linear solve: ``neumann(...)(matvec, b)`` is :func:`neumann_series`."""
+    check_int("iters", iters, 0)
+    check_positive("alpha", alpha)
+    check_positive("divergence_factor", divergence_factor)
+    check_choice("on_divergence", on_divergence, POLICIES)
+    return partial(
+        neumann_series, iters=iters, alpha=alpha, on_divergence=on_divergence, divergence_factor=divergence_factor
+    )
+
+
+def identity(scale: float = 1.0) -> LinearSolve:
+    """``H^{-1} ~ scale * I``: ``identity(scale)(matvec, b) = (scale * b, SolveResult())``; no product."""
+    check_positive("scale", scale)
+    return partial(identity_solve, scale=scale)
+
+
+def identity_solve(matvec: MatVec, b: Tree, scale: float = 1.0) -> tuple[Tree, SolveResult]:
+    """``v = scale * b`` without calling ``matvec`` (AID-FP-Lite, MELTR eq. 11)."""
+    return tree_scale(b, scale), SolveResult()
+
+
 def conjugate_gradient(
-    hvp: HVP,
+    hvp: MatVec,
     b: Tree,
     iters: int,
     tol: float,
-    on_negative_curvature: Policy = "warn",
+    on_negative_curvature: SolvePolicy = "warn",
 ) -> tuple[Tree, SolveResult]:
     """Solve ``H v = b`` by at most ``iters`` steps of conjugate gradient from ``v_0 = 0``.
 
@@ -102,13 +164,12 @@ def conjugate_gradient(
 
 
 def neumann_series(
-    hvp: HVP | Callable[[Tree, int], Tree],
+    hvp: MatVec,
     b: Tree,
     iters: int,
     alpha: float,
-    on_divergence: Policy = "raise",
+    on_divergence: SolvePolicy = "raise",
     divergence_factor: float = 10.0,
-    stochastic: bool = False,
 ) -> tuple[Tree, SolveResult]:
     """Approximate ``H^{-1} b`` by the truncated Neumann series with ``iters`` + 1 terms:
 
@@ -119,15 +180,15 @@ def neumann_series(
     ``alpha * b``. The series is declared divergent when a term is non-finite or
     ``||p_j|| > divergence_factor * ||b||``; ``on_divergence`` then raises
     :class:`~bilevel.errors.NeumannDivergenceError`, or warns / ignores and returns the sum of
-    the terms before the divergent one. With ``stochastic=True``, ``hvp`` is called as
-    ``hvp(p, j)`` so that each term may use a fresh mini-batch (StocBiO).
+    the terms before the divergent one. ``hvp`` is called once per term, in order, so a matvec
+    that draws a fresh mini-batch per call gives StocBiO's stochastic series.
     """
     result = SolveResult()
     b_norm = float(tree_norm(b))
     result.residuals.append(b_norm)
     v, p = b, b
     for j in range(iters):
-        hp = hvp(p, j) if stochastic else hvp(p)  # type: ignore[call-arg]
+        hp = hvp(p)
         p_next = tree_add(p, hp, -alpha)
         p_norm = float(tree_norm(p_next))
         result.iters = j + 1

@@ -32,7 +32,7 @@ behind the default.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ._tree import Tree
 from .problem import BilevelProblem, Objective, check_finite
 
-__all__ = ["HVPMode", "Linearization", "Reduce", "grad_tree", "leaves", "outer_gradients"]
+__all__ = ["HVPMode", "Linearization", "Reduce", "grad_tree", "leaves", "outer_gradients", "resampled_hvp"]
 
 HVPMode = Literal["rev-rev", "autograd", "fwd-rev"]
 HVP_MODES: tuple[str, ...] = ("rev-rev", "autograd", "fwd-rev")
@@ -105,12 +105,13 @@ class Linearization:
         value: ``g(theta, phi)``, a 0-dim tensor (checked finite).
         grad_theta: ``grad_theta g`` (a tree shaped like ``params``), without autograd history.
         n_hvp: number of Hessian-vector products evaluated so far.
-        params, hparams, batch, mode: the point, batch and mode it was built at (read-only).
+        problem, params, hparams, batch, mode, reduce: what it was built from (read-only).
 
-    One linearisation can serve both an inner update (``grad_theta``) and a hypergradient (pass it
-    as ``linearization=`` to an AID solver's ``hypergrad``), which saves the solver one forward and
-    backward pass of ``g``. Its retained graph refers to the storage of ``params``: use it before any
-    in-place update of them (autograd raises otherwise).
+    It is everything an AID hypergradient needs of ``g``: ``solver.hypergrad_at(lin, outer_batch)``
+    takes the point, the products and ``reduce`` from it. One linearisation can serve both an inner
+    update (``grad_theta``) and a hypergradient, which saves the solver one forward and backward pass
+    of ``g``. Its retained graph refers to the storage of ``params``: use it before any in-place
+    update of them (autograd raises otherwise; :meth:`modified` tells).
 
     ``reduce``, when given, is applied to every product (``H p`` and ``J v``): with an all-reduce
     mean over data-parallel ranks, the products are those of the rank-averaged objective.
@@ -129,8 +130,10 @@ class Linearization:
         if mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES}")
         g = problem.objective("inner", "grad/Hessian of g")
-        self._params, self._hparams, self._batch, self._g, self.mode = params, hparams, batch, g, mode
+        self._problem, self._params, self._hparams, self._batch, self._g = problem, params, hparams, batch, g
+        self.mode: HVPMode = mode
         self.n_hvp = 0
+        self._given_reduce = reduce
         self._reduce = reduce or _identity
         self._versions = [{k: v._version for k, v in tree.items()} for tree in (params, hparams)]
         # the fused SDPA kernels have no double backward: the graph is built with the math kernel
@@ -159,6 +162,15 @@ class Linearization:
         check_finite(self.value, "inner", "grad/Hessian of g")
 
     @property
+    def problem(self) -> BilevelProblem:
+        return self._problem
+
+    @property
+    def reduce(self) -> Reduce | None:
+        """The reduction applied to every product (None: not reduced)."""
+        return self._given_reduce
+
+    @property
     def params(self) -> Tree:
         return self._params
 
@@ -175,10 +187,6 @@ class Linearization:
         counter moved): products through the graph would be refused by autograd, or be stale."""
         trees = zip((self._params, self._hparams), self._versions, strict=True)
         return [k for tree, seen in trees for k, v in tree.items() if v._version != seen[k]]
-
-    def uses_reduce(self, reduce: Reduce | None) -> bool:
-        """Whether the products are reduced with ``reduce`` (None: not reduced)."""
-        return self._reduce is (reduce or _identity)
 
     def hvp(self, p: Tree) -> Tree:
         """``H p`` with ``H`` the Hessian of ``g`` in ``params`` (shape of ``params``)."""
@@ -209,3 +217,24 @@ class Linearization:
             return grad_tree(
                 [self._graph[k] for k in keys], inputs, grad_outputs=[cotangent[k] for k in keys], retain_graph=True
             )
+
+
+def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree], Tree]:
+    """A matvec ``p -> H_B p`` whose every call linearises ``g`` at ``lin``'s point on the next batch
+    ``B = next(batches)`` (StocBiO's stochastic products), in ``lin``'s mode and with its ``reduce``.
+
+    Each product costs one gradient of ``g`` with its graph plus one backward pass.
+    """
+
+    drawn = 0
+
+    def matvec(p: Tree) -> Tree:
+        nonlocal drawn
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise ValueError(f"the HVP batches ran out after {drawn} product(s); pass an endless stream") from None
+        drawn += 1
+        return Linearization(lin.problem, lin.params, lin.hparams, batch, lin.mode, lin.reduce).hvp(p)
+
+    return matvec

@@ -64,7 +64,7 @@ from ._tree import Tree
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .problem import BilevelProblem, Objective
 from .products import Linearization, Reduce
-from .solvers import AIDSolver, Solver, StocBiO
+from .solvers import Solver
 
 __all__ = [
     "BilevelTrainer",
@@ -375,7 +375,7 @@ class BilevelTrainer:
                 raise TypeError(f"solver must be a bilevel Solver (bl.get_solver(...)), got {type(solver).__name__}")
             if outer is None or meta_model is None or meta_optimizer is None:
                 raise ValueError("a solver needs outer=, meta_model= and meta_optimizer=")
-            if (config or TrainerConfig()).share_linearization and not isinstance(solver, AIDSolver):
+            if (config or TrainerConfig()).share_linearization and not callable(getattr(solver, "hypergrad_at", None)):
                 raise ValueError(
                     f"TrainerConfig.share_linearization needs an AID solver (aid-cg, aid-fp, aid-fp-lite, stocbio), "
                     f"got {type(solver).__name__}"
@@ -419,6 +419,7 @@ class BilevelTrainer:
         self._acc: list[Tensor] | None = None
         self._cursors: dict[str, _Cursor] = {}
         self._pending: dict[str, Any] | None = None
+        self._hvp_stream: _Stream | None = None  # fresh HVP batches during fit (solvers that draw them)
 
     # ------------------------------------------------------------------ state
     @property
@@ -619,9 +620,9 @@ class BilevelTrainer:
     def _linearize(self, batch: Any, snap: dict[str, Any] | None) -> Linearization | None:
         """``g`` linearised at the current ``(theta, phi)`` for ``share_linearization``; None when ``g``
         is non-finite under ``on_nonfinite="skip"`` (the step's inner update is then skipped)."""
-        assert self.problem is not None and isinstance(self.solver, AIDSolver)
+        assert self.problem is not None and self.solver is not None
         try:
-            return Linearization(self.problem, self.params, self.hparams, batch, self.solver.hvp, self.reduce)
+            return Linearization(self.problem, self.params, self.hparams, batch, self.solver.hvp, self.reduce)  # type: ignore[attr-defined]
         except FloatingPointError as exc:
             if self.config.on_nonfinite == "raise":
                 raise self._fail(snap, f"step {self.step_count + 1}: {exc} (inner level)", "inner", None) from exc
@@ -634,16 +635,15 @@ class BilevelTrainer:
         assert self.solver is not None and self.problem is not None and self.meta_optimizer is not None
         step = self.step_count + 1
         try:
-            hg, info = self.solver.hypergrad(
-                self.problem,
-                self.params,
-                self.hparams,
-                inner_batch,
-                outer_batch,
-                return_info=True,
-                reduce=self.reduce,
-                linearization=lin,
-            )
+            if lin is not None:
+                hg, info = self.solver.hypergrad_at(  # type: ignore[attr-defined]
+                    lin, outer_batch, return_info=True, hvp_batches=self._hvp_stream
+                )
+            else:
+                hg, info = self.solver.hypergrad(
+                    self.problem, self.params, self.hparams, inner_batch, outer_batch,
+                    return_info=True, reduce=self.reduce, hvp_batches=self._hvp_stream,
+                )  # fmt: skip
         except FloatingPointError as exc:
             if self.config.on_nonfinite == "raise":
                 msg = f"step {step}: outer level (hyper step): {exc}"
@@ -783,12 +783,11 @@ class BilevelTrainer:
         self._cursors = {"inner": _Cursor(inner_loader, "inner (training)", cycle=False)}
         if outer_loader is not None:
             self._cursors["outer"] = _Cursor(outer_loader, "outer (meta)", cycle=True)
-        if isinstance(self.solver, StocBiO) and (
-            self.solver.batches is None or self.hvp_batches is not None or isinstance(self.solver.batches, _Stream)
-        ):
-            source = self.hvp_batches if self.hvp_batches is not None else inner_loader
-            self._cursors["hvp"] = _Cursor(source, "StocBiO HVP", cycle=True)
-            self.solver.batches = _Stream(self._cursors["hvp"])  # type: ignore[union-attr]
+        if self.solver is not None and self.solver.draws_hvp_batches:
+            own = getattr(self.solver, "batches", None)
+            source = next(s for s in (self.hvp_batches, own, inner_loader) if s is not None)
+            self._cursors["hvp"] = _Cursor(source, f"{self.solver.name} HVP", cycle=True)
+            self._hvp_stream = _Stream(self._cursors["hvp"])
         if self._pending is not None:
             for key, cur in self._cursors.items():
                 if key in self._pending["cursors"]:

@@ -46,7 +46,7 @@ def main(solver: str = "itd", steps: int = 300, seed: int = 0, share: bool = Fal
         batch = (X[idx], y[idx])
         if share:  # g linearised once: its graph serves the hypergradient, its gradient the inner step
             lin = Linearization(problem, params, hparams, batch)
-            hg = hg_solver.hypergrad(problem, params, hparams, batch, (Xv, yv), linearization=lin)
+            hg = hg_solver.hypergrad_at(lin, (Xv, yv))
             for name, p in model.named_parameters():
                 p.grad = lin.grad_theta[name]
             opt.step()  # after the hypergradient: the step changes theta in place, which lin's graph holds

@@ -1,8 +1,7 @@
-"""A caller's Linearization passed to an AID solver (``hypergrad(..., linearization=lin)``)."""
+"""A caller's Linearization given to an AID solver: ``solver.hypergrad_at(lin, outer_batch)``."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -35,11 +34,11 @@ def test_shared_linearization_gives_the_same_hypergradient(name, mode, point):
     args = (REF.problem(), params, HP, REF.inner_batch, REF.outer_batch)
     own, own_info = solver.hypergrad(*args, return_info=True)
     lin = Linearization(REF.problem(), params, HP, REF.inner_batch, mode)
-    shared, info = solver.hypergrad(*args, return_info=True, linearization=lin)
+    shared, info = solver.hypergrad_at(lin, REF.outer_batch, return_info=True)
     torch.testing.assert_close(shared["lam"], own["lam"], rtol=1e-13, atol=1e-15)
     assert "linearize" in own_info.times and "linearize" not in info.times
     assert info.n_hvp == own_info.n_hvp and info.inner_value == own_info.inner_value
-    assert solver._linearization is None  # the caller's graph is not kept
+    assert not [k for k, v in vars(solver).items() if isinstance(v, Linearization)]  # the graph is not kept
 
 
 def test_shared_linearization_on_logistic_regression_matches_exact():
@@ -47,43 +46,44 @@ def test_shared_linearization_on_logistic_regression_matches_exact():
     hp = ref.hparams(-2.0)
     sol = ref.solution(hp)
     lin = Linearization(ref.problem(), sol, hp, ref.inner_batch)
-    hg = bl.AIDCG(iters=60, tol=1e-13).hypergrad(
-        ref.problem(), sol, hp, ref.inner_batch, ref.outer_batch, linearization=lin
-    )
+    hg = bl.AIDCG(iters=60, tol=1e-13).hypergrad_at(lin, ref.outer_batch)
     exact = ref.exact_hypergrad(hp)["lam"]
     assert float((hg["lam"] - exact).norm() / exact.norm()) < 1e-8
 
 
-def _lin(params=SOL, hparams=HP, batch=None, mode="autograd", reduce=None):
-    return Linearization(REF.problem(), params, hparams, REF.inner_batch if batch is None else batch, mode, reduce)
+def _lin(params=SOL, hparams=HP, mode="autograd", reduce=None):
+    return Linearization(REF.problem(), params, hparams, REF.inner_batch, mode, reduce)
 
 
-def _call(solver, lin, params=SOL, reduce=None):
-    args = (REF.problem(), params, HP, REF.inner_batch, REF.outer_batch)
-    return solver.hypergrad(*args, linearization=lin, reduce=reduce)
+def test_the_linearisation_supplies_point_mode_and_reduce():
+    """Nothing is re-derived or re-checked: the point, the products' mode and reduce are ``lin``'s."""
+    cg = bl.AIDCG(iters=15, tol=1e-14)  # hvp="autograd"
+    for mode in ("rev-rev", "fwd-rev"):
+        want = bl.AIDCG(iters=15, tol=1e-14, hvp=mode).hypergrad(
+            REF.problem(), OFF, HP, REF.inner_batch, REF.outer_batch
+        )
+        torch.testing.assert_close(cg.hypergrad_at(_lin(params=OFF, mode=mode), REF.outer_batch)["lam"], want["lam"])
+    calls = []
+
+    def reduce(tree):
+        calls.append(sorted(tree))
+        return {k: 2.0 * v for k, v in tree.items()}  # not a mean: visible in the result
+
+    lite = bl.AIDFPLite(scale=0.5)
+    doubled = lite.hypergrad_at(_lin(reduce=reduce), REF.outer_batch)
+    plain = lite.hypergrad(REF.problem(), SOL, HP, REF.inner_batch, REF.outer_batch, reduce=reduce)
+    torch.testing.assert_close(doubled["lam"], plain["lam"], rtol=1e-13, atol=0)
+    assert calls.count(["w"]) == 2 and calls.count(["lam"]) == 4  # grad_theta f; grad_phi f, J v (twice each)
 
 
-def test_linearization_errors_name_the_mismatch():
-    cg = bl.AIDCG(iters=3)
-    with pytest.raises(ValueError, match="itd: linearization= is for the AID solvers"):
-        _call(bl.ITD(steps=2), _lin())
-    with pytest.raises(TypeError, match=r"must be a bilevel\.products\.Linearization, got dict"):
-        _call(cg, {"w": SOL["w"]})
-    with pytest.raises(ValueError, match="hvp mode 'rev-rev', this solver uses 'autograd'"):
-        _call(cg, _lin(mode="rev-rev"))
-    with pytest.raises(ValueError, match="another batch than inner_batch"):
-        _call(cg, _lin(batch=(REF.X_tr[:-1], REF.y_tr[:-1])))
-    with pytest.raises(ValueError, match="another batch than inner_batch"):
-        _call(cg, _lin(batch=(REF.X_tr, REF.y_tr + 1.0)))
-    _call(cg, _lin(batch=(REF.X_tr.clone(), REF.y_tr.clone())))  # equal data in other tensors: accepted
-    with pytest.raises(ValueError, match=r"other params values \(\['w'\] differ\)"):
-        _call(cg, _lin(params=OFF))
-    with pytest.raises(ValueError, match="hparams keys"):
-        _call(cg, _lin(hparams={**HP, "extra": torch.zeros(2, dtype=HP["lam"].dtype)}))
-    with pytest.raises(ValueError, match="another reduce="):
-        _call(cg, _lin(), reduce=lambda t: t)
-    lin_r = _lin(reduce=(red := lambda t: t))
-    _call(cg, lin_r, reduce=red)  # the same reduce: accepted
+def test_bad_linearisations_are_refused_with_a_message():
+    with pytest.raises(TypeError, match=r"aid-cg: lin must be a bilevel\.Linearization, got dict"):
+        bl.AIDCG(iters=3).hypergrad_at({"w": SOL["w"]}, REF.outer_batch)
+    assert not hasattr(bl.ITD(), "hypergrad_at")  # ITD does not linearise g
+    with pytest.raises(TypeError, match="linearization"):
+        bl.AIDCG(iters=3).hypergrad(REF.problem(), SOL, HP, REF.inner_batch, REF.outer_batch, linearization=_lin())
+    with pytest.raises(ValueError, match=r"hvp_batches= is for solvers that draw fresh HVP batches"):
+        bl.AIDCG(iters=3).hypergrad_at(_lin(), REF.outer_batch, hvp_batches=iter([REF.inner_batch]))
 
 
 def test_params_updated_in_place_after_linearising_are_refused():
@@ -91,14 +91,17 @@ def test_params_updated_in_place_after_linearising_are_refused():
     lin = _lin(params=params)
     params["w"].add_(1.0)  # an optimizer step on the same storage
     with pytest.raises(ValueError, match=r"is stale: \['w'\] were updated in place"):
-        _call(bl.AIDCG(iters=3), lin, params=params)
+        bl.AIDCG(iters=3).hypergrad_at(lin, REF.outer_batch)
 
 
-def test_batches_are_compared_by_content():
-    from bilevel.solvers.base import _same_batch
-
-    x = torch.arange(6.0).reshape(2, 3)
-    assert _same_batch((x, {"y": x.clone(), "n": 3}), (x.clone(), {"y": x, "n": 3}))
-    assert not _same_batch((x, 1), (x, 2)) and not _same_batch((x,), [x]) and not _same_batch(x, x.double())
-    assert _same_batch(np.arange(3), np.arange(3)) and not _same_batch(np.arange(3), np.arange(1, 4))
-    assert not _same_batch(np.arange(3), torch.arange(3)) and _same_batch(None, None)
+def test_stocbio_draws_its_products_from_the_calls_batches():
+    X, y = REF.inner_batch
+    quarters = [(X[i::4], y[i::4]) for i in range(4)]
+    solver = bl.StocBiO(iters=6, alpha=1 / L)
+    own = bl.StocBiO(iters=6, alpha=1 / L, batches=quarters).hypergrad(
+        REF.problem(), SOL, HP, REF.inner_batch, REF.outer_batch
+    )
+    given = solver.hypergrad_at(_lin(), REF.outer_batch, hvp_batches=iter(quarters * 2))
+    torch.testing.assert_close(given["lam"], own["lam"], rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match=r"the HVP batches ran out after 3 product\(s\)"):
+        solver.hypergrad_at(_lin(), REF.outer_batch, hvp_batches=iter(quarters[:3]))

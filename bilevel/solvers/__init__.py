@@ -9,6 +9,10 @@ name            class                                          module
 ``"aid-fp-lite"`` :class:`~bilevel.solvers.aid_fp_lite.AIDFPLite` ``bilevel/solvers/aid_fp_lite.py``
 ``"stocbio"``   :class:`~bilevel.solvers.stocbio.StocBiO`      ``bilevel/solvers/stocbio.py``
 =============== ============================================== ===========================
+
+The AID presets are :class:`~bilevel.solvers.aid.AIDSolver` (the formula
+``grad_phi f - J solve(H, grad_theta f)``, ``bilevel/solvers/aid.py``) with a linear solve from
+:mod:`bilevel.linalg`; :class:`~bilevel.solvers.aid.AID` takes any linear solve.
 """
 
 from __future__ import annotations
@@ -16,20 +20,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .aid import AID, AIDSolver
 from .aid_cg import AIDCG
 from .aid_fp import AIDFP
 from .aid_fp_lite import AIDFPLite
-from .base import AIDSolver, HypergradInfo, Solver
+from .base import Call, HypergradInfo, Solver
 from .itd import ITD
 from .stocbio import StocBiO
 
 __all__ = [
+    "AID",
     "AIDCG",
     "AIDFP",
     "ITD",
     "SOLVERS",
     "AIDFPLite",
     "AIDSolver",
+    "Call",
     "HypergradInfo",
     "Solver",
     "StocBiO",

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..linalg import POLICIES, Policy, conjugate_gradient
+from ..linalg import LinearSolve, SolvePolicy, cg
 from ..products import HVPMode
-from .base import AIDSolver, _check_choice, _check_int, _check_positive, check_aid_options
+from .aid import AIDSolver
 
 
 @dataclass
 class AIDCG(AIDSolver):
-    """Conjugate gradient: ``v = CG_iters(H, grad_theta f)``, ``grad F ~ grad_phi f - J v``.
+    """Conjugate gradient: ``v = CG_iters(H, grad_theta f)``, ``grad F ~ grad_phi f - J v``
+    (:class:`~bilevel.AID` with ``solve=bilevel.linalg.cg(iters, tol, on_negative_curvature)``).
 
     Exact (up to ``tol``) when ``params`` minimise ``g`` and ``H`` is positive definite; at most
     ``|theta|`` iterations in exact arithmetic, ``O(sqrt(kappa) log(1/tol))`` in practice.
@@ -42,18 +43,10 @@ class AIDCG(AIDSolver):
 
     iters: int = 20
     tol: float = 1e-10
-    on_negative_curvature: Policy = "warn"
+    on_negative_curvature: SolvePolicy = "warn"
     hvp: HVPMode = "autograd"
 
     name = "aid-cg"
 
-    def __post_init__(self) -> None:
-        _check_int("iters", self.iters, 0)
-        _check_positive("tol", self.tol)
-        _check_choice("on_negative_curvature", self.on_negative_curvature, POLICIES)
-        check_aid_options(self)
-
-    def solve(self, problem, lin, b, params, hparams, info):
-        v, res = conjugate_gradient(lin.hvp, b, self.iters, self.tol, self.on_negative_curvature)
-        info.record_solve(res)
-        return v
+    def linear_solve(self) -> LinearSolve:
+        return cg(self.iters, self.tol, self.on_negative_curvature)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..linalg import POLICIES, Policy, neumann_series
+from ..linalg import LinearSolve, SolvePolicy, neumann
 from ..products import HVPMode
-from .base import AIDSolver, _check_choice, _check_int, _check_positive, check_aid_options
+from .aid import AIDSolver
 
 
 @dataclass
 class AIDFP(AIDSolver):
-    """Neumann series (AuxiLearn's scheme):
+    """Neumann series (AuxiLearn's scheme; :class:`~bilevel.AID` with ``solve=bilevel.linalg.neumann(...)``):
 
         v = alpha * sum_{j=0}^{iters} (I - alpha H)^j grad_theta f,    grad F ~ grad_phi f - J v
 
@@ -51,20 +51,11 @@ class AIDFP(AIDSolver):
 
     iters: int = 20
     alpha: float = 0.01
-    on_divergence: Policy = "raise"
+    on_divergence: SolvePolicy = "raise"
     divergence_factor: float = 10.0
     hvp: HVPMode = "autograd"
 
     name = "aid-fp"
 
-    def __post_init__(self) -> None:
-        _check_int("iters", self.iters, 0)
-        _check_positive("alpha", self.alpha)
-        _check_positive("divergence_factor", self.divergence_factor)
-        _check_choice("on_divergence", self.on_divergence, POLICIES)
-        check_aid_options(self)
-
-    def solve(self, problem, lin, b, params, hparams, info):
-        v, res = neumann_series(lin.hvp, b, self.iters, self.alpha, self.on_divergence, self.divergence_factor)
-        info.record_solve(res)
-        return v
+    def linear_solve(self) -> LinearSolve:
+        return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._tree import tree_scale
+from ..linalg import LinearSolve, identity
 from ..products import HVPMode
-from .base import AIDSolver, _check_positive, check_aid_options
+from .aid import AIDSolver
 
 
 @dataclass
@@ -15,7 +15,8 @@ class AIDFPLite(AIDSolver):
 
         grad F ~ grad_phi f - scale * J grad_theta f
 
-    One gradient of ``f``, one gradient of ``g`` and one mixed product; no HVP. Biased unless
+    (:class:`~bilevel.AID` with ``solve=bilevel.linalg.identity(scale)``). One gradient of ``f``, one
+    gradient of ``g`` and one mixed product; no HVP. Biased unless
     ``H = I / scale``; the outer learning rate absorbs ``scale``. Equals :class:`~bilevel.AIDFP`
     with ``iters=0, alpha=scale``.
 
@@ -47,9 +48,5 @@ class AIDFPLite(AIDSolver):
 
     name = "aid-fp-lite"
 
-    def __post_init__(self) -> None:
-        _check_positive("scale", self.scale)
-        check_aid_options(self)
-
-    def solve(self, problem, lin, b, params, hparams, info):
-        return tree_scale(b, self.scale)
+    def linear_solve(self) -> LinearSolve:
+        return identity(self.scale)

@@ -7,10 +7,11 @@ from typing import Literal
 
 import torch
 
+from .._checks import check_choice, check_int, check_positive, check_unit_interval
 from .._tree import Tree
 from ..problem import check_finite
 from ..products import grad_tree, leaves
-from .base import Solver, _check_choice, _check_int, _check_positive
+from .base import Solver
 
 Optimizer = Literal["sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
@@ -78,14 +79,13 @@ class ITD(Solver):
     name = "itd"
 
     def __post_init__(self) -> None:
-        _check_int("steps", self.steps, 0)
-        _check_positive("lr", self.lr)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        check_int("steps", self.steps, 0)
+        check_positive("lr", self.lr)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_unit_interval("momentum", self.momentum)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        _check_positive("eps", self.eps)
+        check_positive("eps", self.eps)
         if not self.eps_root >= 0.0:
             raise ValueError(f"eps_root must be >= 0, got {self.eps_root!r}")
 
@@ -104,11 +104,11 @@ class ITD(Solver):
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
         return {k: theta[k] - lr * (m[k] / c1) / (torch.sqrt(v[k] / c2 + self.eps_root) + self.eps) for k in theta}
 
-    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, info):
+    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, call):
         g = problem.objective("inner", "unrolled inner steps of ITD")
         f = problem.objective("outer", "f after the unrolled steps of ITD")
-        reduce = self._reduce
-        with self._stage(info, "unroll_and_backward"), torch.enable_grad():
+        reduce, info = call.reduce, call.info
+        with call.stage("unroll_and_backward"), torch.enable_grad():
             phi, theta = leaves(hparams), leaves(params)
             state: dict[str, Tree] = {}
             values = []

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ..linalg import neumann_series
-from ..products import Linearization
-from .aid_fp import AIDFP
+from ..linalg import LinearSolve, MatVec, SolvePolicy, neumann
+from ..products import HVPMode, Linearization, resampled_hvp
+from .aid import AIDSolver
+from .base import Call
 
 
 @dataclass
-class StocBiO(AIDFP):
+class StocBiO(AIDSolver):
     """Stochastic Neumann series (Ji et al. 2021):
 
         p_0 = grad_theta f,  p_{j+1} = p_j - alpha H_{B_j} p_j,  v = alpha sum_{j=0}^{iters} p_j
 
     where ``H_{B_j}`` is the inner Hessian on the ``j``-th batch drawn from ``batches``; the mixed
     product ``J v`` uses ``inner_batch``. Each term costs one gradient of ``g`` with its graph plus
-    one backward pass on a new batch. Without ``batches`` every term uses ``inner_batch``, and the
-    result equals :class:`~bilevel.AIDFP` with the same options (StocBiO subclasses it: same options
-    and checks, plus ``batches``).
+    one backward pass on a new batch (:func:`~bilevel.products.resampled_hvp`, the matvec given to
+    :func:`bilevel.linalg.neumann`). Without batches every term uses ``inner_batch``, and the result
+    equals :class:`~bilevel.AIDFP` with the same options (the options of AID-FP plus ``batches``).
 
     Args:
         iters: number of HVPs (series terms after the first), as in :class:`~bilevel.AIDFP`.
@@ -31,7 +32,8 @@ class StocBiO(AIDFP):
         hvp: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
         batches: an iterable of inner batches (e.g. a ``DataLoader``), re-iterated when exhausted,
             or an iterator (an error is raised when it runs out). May be assigned later
-            (``solver.batches = loader``).
+            (``solver.batches = loader``). A call's ``hvp_batches=`` (an iterator, e.g. the training
+            loop's resumable stream) replaces it for that call.
 
     Examples:
         >>> import torch
@@ -51,44 +53,41 @@ class StocBiO(AIDFP):
     """
 
     iters: int = 10
+    alpha: float = 0.01
+    on_divergence: SolvePolicy = "raise"
+    divergence_factor: float = 10.0
+    hvp: HVPMode = "autograd"
     batches: Iterable[Any] | None = field(default=None, repr=False)
 
     name = "stocbio"
+    draws_hvp_batches: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()  # the options of AIDFP
-        self._iter: Iterator[Any] | None = None
-        self._iter_of: Iterable[Any] | None = None
+    def linear_solve(self) -> LinearSolve:
+        return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor)
 
-    def _next_batch(self) -> Any:
+    def matvec(self, lin: Linearization, call: Call) -> MatVec:
+        batches = call.hvp_batches if call.hvp_batches is not None else self._own_batches()
+        return lin.hvp if batches is None else resampled_hvp(lin, batches)
+
+    def _own_batches(self) -> Iterator[Any] | None:
+        """``batches`` as an iterator that continues across calls (re-iterating an exhausted iterable)."""
         source = self.batches
-        if self._iter is None or self._iter_of is not source:
-            self._iter, self._iter_of = iter(source), source  # type: ignore[arg-type]
-        try:
-            return next(self._iter)
-        except StopIteration:
-            if iter(source) is source:  # type: ignore[arg-type]
-                raise ValueError(
-                    "StocBiO.batches is an exhausted iterator; pass a re-iterable (e.g. a DataLoader)"
-                ) from None
-            self._iter = iter(source)  # type: ignore[arg-type]
-            try:
-                return next(self._iter)
-            except StopIteration:
-                raise ValueError("StocBiO.batches is empty") from None
+        if source is None:
+            return None
+        if getattr(self, "_cycle_of", None) is not source:
+            self._cycle, self._cycle_of = _cycle(source), source
+        return self._cycle
 
-    def solve(self, problem, lin, b, params, hparams, info):
-        if self.batches is None:
-            hvp = lambda p, j: lin.hvp(p)  # noqa: E731
-        else:
 
-            def hvp(p, j):
-                fresh = Linearization(problem, params, hparams, self._next_batch(), self.hvp, self._reduce)
-                info.n_hvp += 1
-                return fresh.hvp(p)
-
-        v, res = neumann_series(
-            hvp, b, self.iters, self.alpha, self.on_divergence, self.divergence_factor, stochastic=True
-        )
-        info.record_solve(res)
-        return v
+def _cycle(source: Iterable[Any]) -> Iterator[Any]:
+    it = iter(source)
+    while True:
+        drawn = False
+        for batch in it:
+            drawn = True
+            yield batch
+        if it is source:
+            raise ValueError("StocBiO.batches is an exhausted iterator; pass a re-iterable (e.g. a DataLoader)")
+        if not drawn:
+            raise ValueError("StocBiO.batches is empty")
+        it = iter(source)

@@ -1,0 +1,153 @@
+"""Approximate implicit differentiation (AID): one hypergradient, any linear solve.
+
+    grad F ~ grad_phi f - J v,    v = solve(H, grad_theta f) ~ H^{-1} grad_theta f
+
+with ``H`` and ``J`` the inner objective's Hessian and mixed second derivative at ``(theta, phi)``,
+touched only through products (:class:`~bilevel.products.Linearization`). A preset is this formula
+plus a linear solve from :mod:`bilevel.linalg`: AID-CG uses :func:`~bilevel.linalg.cg`, AID-FP
+:func:`~bilevel.linalg.neumann`, AID-FP-Lite :func:`~bilevel.linalg.identity`, StocBiO the Neumann
+series with products on fresh batches. :class:`AID` takes any linear solve.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+from .._checks import check_choice
+from .._tree import Tree, tree_sub
+from ..linalg import LinearSolve, MatVec
+from ..products import HVP_MODES, HVPMode, Linearization, outer_gradients
+from .base import Call, HypergradInfo, Solver
+
+__all__ = ["AID", "AIDSolver"]
+
+
+class AIDSolver(Solver):
+    """The AID hypergradient; subclasses give :meth:`linear_solve` (and may give :meth:`matvec`).
+
+    Cost: one gradient of ``f``, one gradient of ``g`` with its graph (none with :meth:`hypergrad_at`),
+    ``n_hvp`` products and one mixed product. Peak memory: one first-order graph of ``g``, whatever
+    the iteration count.
+    """
+
+    hvp: HVPMode
+
+    def __post_init__(self) -> None:
+        check_choice("hvp", self.hvp, HVP_MODES)
+        self.linear_solve()  # the factory validates the solve's options
+
+    @abstractmethod
+    def linear_solve(self) -> LinearSolve:
+        """The solve ``(matvec, b) -> (v ~ H^{-1} b, SolveResult)`` this solver's options define."""
+
+    def matvec(self, lin: Linearization, call: Call) -> MatVec:
+        """The product ``p -> H p`` the linear solve uses: ``lin``'s Hessian-vector product."""
+        return lin.hvp
+
+    def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, call):
+        with call.stage("grad_outer"):
+            outer = outer_gradients(problem, params, hparams, outer_batch, call.reduce, self.hvp)
+        with call.stage("linearize"):
+            lin = Linearization(problem, params, hparams, inner_batch, self.hvp, call.reduce)
+        return self._implicit(lin, outer, call)
+
+    def _implicit(self, lin: Linearization, outer: tuple[Any, Tree, Tree], call: Call) -> Tree:
+        """``grad_phi f - J solve(H, grad_theta f)`` from ``outer = (f, grad_theta f, grad_phi f)``."""
+        f_val, f_theta, f_phi = outer
+        with call.stage("solve"):
+            v, result = self.linear_solve()(self.matvec(lin, call), f_theta)
+        with call.stage("mixed"):
+            jv = lin.mixed(v)
+        call.info.record_solve(result)
+        call.info.inner_value, call.info.outer_value = float(lin.value), float(f_val)
+        return tree_sub(f_phi, jv)
+
+    @overload
+    def hypergrad_at(
+        self,
+        lin: Linearization,
+        outer_batch: Any,
+        *,
+        return_info: Literal[False] = False,
+        hvp_batches: Iterator[Any] | None = None,
+    ) -> Tree: ...
+
+    @overload
+    def hypergrad_at(
+        self,
+        lin: Linearization,
+        outer_batch: Any,
+        *,
+        return_info: Literal[True],
+        hvp_batches: Iterator[Any] | None = None,
+    ) -> tuple[Tree, HypergradInfo]: ...
+
+    def hypergrad_at(
+        self,
+        lin: Linearization,
+        outer_batch: Any,
+        *,
+        return_info: bool = False,
+        hvp_batches: Iterator[Any] | None = None,
+    ) -> Tree | tuple[Tree, HypergradInfo]:
+        """The hypergradient at a caller's linearisation of ``g``: ``grad_phi f - J solve(H, grad_theta f)``
+        with ``H``, ``J``, the point ``(params, hparams)``, the HVP mode and ``reduce`` all taken from
+        ``lin`` (e.g. the training loop's inner step, whose ``grad_theta g`` also makes the inner
+        update). Equal to :meth:`hypergrad` at ``lin``'s point and batch, without its ``"linearize"``
+        stage (one forward and backward pass of ``g``).
+
+        Raises ``TypeError`` when ``lin`` is not a :class:`~bilevel.products.Linearization` and
+        ``ValueError`` when its ``params`` / ``hparams`` were updated in place after it was built
+        (take the hypergradient before the update).
+        """
+        if not isinstance(lin, Linearization):
+            raise TypeError(f"{self.name}: lin must be a bilevel.Linearization, got {type(lin).__name__}")
+        stale = lin.modified()
+        if stale:
+            raise ValueError(f"{self.name}: the linearisation is stale: {stale[:3]} were updated in place after it")
+        first = next(iter(lin.params.values()))
+        call = self._call(first.device, lin.reduce, hvp_batches)
+
+        def compute() -> Tree:
+            with call.stage("grad_outer"):
+                outer = outer_gradients(lin.problem, lin.params, lin.hparams, outer_batch, lin.reduce, lin.mode)
+            return self._implicit(lin, outer, call)
+
+        return self._finish(call, compute, return_info)
+
+
+@dataclass
+class AID(AIDSolver):
+    """AID with any linear solve: ``grad F ~ grad_phi f - J solve(H, grad_theta f)``.
+
+    Args:
+        solve: a linear solve ``(matvec, b) -> (v, SolveResult)``, e.g. ``bilevel.linalg.cg(iters=10)``.
+        hvp: how products are taken: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"``.
+
+    Examples:
+        >>> import bilevel as bl
+        >>> from bilevel.testing import ridge_synthetic
+        >>> ref = ridge_synthetic(d=5)
+        >>> hparams = ref.hparams(-2.0)
+        >>> args = (ref.problem(), ref.solution(hparams), hparams, ref.inner_batch, ref.outer_batch)
+        >>> mine = bl.AID(solve=bl.linalg.cg(iters=20, tol=1e-12)).hypergrad(*args)
+        >>> preset = bl.AIDCG(iters=20, tol=1e-12).hypergrad(*args)
+        >>> bool((mine["lam"] == preset["lam"]).all())
+        True
+    """
+
+    solve: LinearSolve
+    hvp: HVPMode = "autograd"
+
+    name = "aid"
+
+    def __post_init__(self) -> None:
+        if not callable(self.solve):
+            raise TypeError(f"solve must be a linear solve (matvec, b) -> (v, SolveResult), got {self.solve!r}")
+        super().__post_init__()
+
+    def linear_solve(self) -> LinearSolve:
+        return self.solve
