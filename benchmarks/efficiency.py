@@ -130,6 +130,15 @@ def no_share(rows: list[Row]) -> list[Row]:
     return out
 
 
+def _peer(cfg: FinetuneConfig) -> Any:
+    """The peer library's solver a ``PEER:METHOD`` row runs (None for our own solvers)."""
+    if cfg.method != "meltr" or ":" not in cfg.solver:
+        return None
+    from benchmarks.peers import parse_peer_solver
+
+    return parse_peer_solver(cfg.solver, cfg.iters, cfg.alpha)
+
+
 def peer_rows(spec: str) -> tuple[list[Row], list[str]]:
     """The peer rows selected by ``--peers`` and notes on the ones skipped.
 
@@ -187,7 +196,7 @@ def profile(
             method=method, solver=solver, iters=iters, data="testbed", sizes=sizes, epochs=1, lr=lr,
             batch_size=batch_size, progress=False,
         )  # fmt: skip
-        run = FinetuneRun(cfg, data, pre)
+        run = FinetuneRun(cfg, data, pre, solver=_peer(cfg))
         tr = run.trainer
         batch = next(iter(run.loader))
         meta = next(iter(run.meta_loader)) if run.meta_loader is not None else None
@@ -252,7 +261,7 @@ def run_table(
                 data="testbed", sizes=sizes, batch_size=batch_size, lr=lr, share_linearization=share,
                 pretrained=pretrained_path, progress=False, eval_threads=eval_threads,
             )  # fmt: skip
-            runs[_key(method, solver, share)] = FinetuneRun(cfg, data, pretrained)
+            runs[_key(method, solver, share)] = FinetuneRun(cfg, data, pretrained, solver=_peer(cfg))
         keys = list(runs)
         for ep in range(epochs):
             shift = (seed * epochs + ep) % len(keys)

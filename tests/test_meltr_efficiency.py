@@ -228,7 +228,7 @@ def test_peer_spec_errors():
 
 def test_peer_solver_matches_ours_on_meltr():
     """torchopt's and betty's Neumann equal AID-FP on a MELTR problem (float64); betty's CG does not equal CG."""
-    from benchmarks.peers import available
+    from benchmarks.peers import available, parse_peer_solver
     from examples.meltr_video.data import Collate, Tokenizer, make_digit_clips
     from examples.meltr_video.finetune import make_solver
     from examples.meltr_video.meltr import MELTR, MELTRObjectives
@@ -256,25 +256,15 @@ def test_peer_solver_matches_ours_on_meltr():
     for name in ("torchopt:neumann", "betty:neumann"):
         if have[name.split(":")[0]] is None:
             continue
-        hg = make_solver(name, 3, 0.01).hypergrad(*args)
+        hg = parse_peer_solver(name, 3, 0.01).hypergrad(*args)
         err = sum(float(((hg[k] - ref[k]) ** 2).sum()) for k in ref) ** 0.5
         assert err <= 1e-10 * norm, name
         tested += 1
     if not tested:
         pytest.skip("no peer installed")
-    with pytest.raises(ValueError, match="PEER:METHOD"):
+    with pytest.raises(ValueError, match="unknown solver 'torchopt'"):
         make_solver("torchopt", 3, 0.01)
+    with pytest.raises(ValueError, match=r"is a peer library's: build it with benchmarks\.peers"):
+        make_solver("torchopt:cg", 3, 0.01)  # the examples do not import the benchmarks
     with pytest.raises(ValueError, match="no method"):
-        make_solver("higher:cg", 3, 0.01)
-
-
-def test_console_entry_point(monkeypatch):
-    """`bilevel-table8` is installed (pip install -e .) and forwards its arguments to benchmarks.efficiency."""
-    from importlib.metadata import entry_points
-
-    eps = [e for e in entry_points(group="console_scripts") if e.name == "bilevel-table8"]
-    assert eps and eps[0].value == "bilevel._table8:main"
-    seen = {}
-    monkeypatch.setattr(efficiency, "main", lambda argv: seen.setdefault("argv", argv))
-    assert eps[0].load()(["--tiny", "--peers", "none"]) == 0
-    assert seen["argv"] == ["--tiny", "--peers", "none"]
+        parse_peer_solver("higher:cg", 3, 0.01)

@@ -27,8 +27,9 @@ instead (a random one of the last 10 training batches; MATH.md section 7).
 Hypergradient solvers (``--solver``; ``alpha`` is the common step/scale, ``iters`` the HVP count):
 ``aid-fp-lite`` (scale=alpha), ``aid-cg`` (iters), ``aid-fp`` (Neumann, iters, alpha), ``itd``
 (Meta-Weight-Net style one-step look-ahead: steps=1, lr=alpha), ``stocbio`` (iters, alpha, each HVP
-on a fresh training batch). ``PEER:METHOD`` (e.g. ``torchopt:cg``, ``torchopt:neumann``,
-``betty:neumann``) runs a peer library's solver instead, through :class:`benchmarks.peers.PeerSolver`.
+on a fresh training batch). ``FinetuneRun(cfg, solver=...)`` takes any other :class:`bilevel.Solver`
+instead; the efficiency benchmark passes the peer libraries' solvers that way (``cfg.solver`` is then
+their ``PEER:METHOD`` label, e.g. ``torchopt:cg``; the adapters live in ``benchmarks/peers.py``).
 
 Output (``--out DIR``): ``DIR/results.json`` (config, per-epoch metrics and seconds, final test
 metrics, solver statistics, MELTR analysis), ``DIR/ckpt.pt`` (trainer checkpoint: resume with
@@ -310,11 +311,12 @@ def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
         return bl.get_solver(name, steps=1, lr=alpha)
     if name == "stocbio":
         return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
-    if ":" in name:  # a peer library's solver, e.g. "torchopt:cg" (benchmarks only; needs the repository root)
-        from benchmarks.peers import parse_peer_solver
-
-        return parse_peer_solver(name, iters, alpha)
-    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS} or PEER:METHOD (e.g. 'torchopt:cg')")
+    if _is_peer(name):
+        raise ValueError(
+            f"solver {name!r} is a peer library's: build it with benchmarks.peers.parse_peer_solver and pass it as "
+            "FinetuneRun(cfg, solver=...) (the examples do not import the benchmarks)"
+        )
+    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
 
 
 class _RecentTrain:
@@ -404,6 +406,8 @@ class FinetuneRun:
         data: digit splits to reuse (else built from ``cfg.data_seed`` and ``cfg.sizes``).
         pretrained: ``(backbone_state_dict, UniVLConfig, Tokenizer)`` to reuse (else read from
             ``cfg.pretrained``).
+        solver: MELTR's hypergradient solver (else :func:`make_solver` of ``cfg.solver``), e.g. a peer
+            library's adapter; ``cfg.solver`` then only labels the run.
 
     Attributes: ``trainer`` (the :class:`bilevel.BilevelTrainer`), ``backbone``, ``meltr`` (None for the
     baselines), ``history`` (a dict per finished epoch), ``best`` (val-selected epoch, 1-based).
@@ -414,8 +418,10 @@ class FinetuneRun:
         cfg: FinetuneConfig,
         data: DigitSplits | None = None,
         pretrained: tuple[Mapping[str, Tensor], Any, Tokenizer] | None = None,
+        solver: bl.Solver | None = None,
     ):
         self.cfg = cfg
+        self._solver = solver
         if pretrained is None:
             from .pretrain import load_pretrained
 
@@ -547,7 +553,7 @@ class FinetuneRun:
             outer=obj.outer,
             meta_model=self.meltr,
             meta_optimizer=meta_opt,
-            solver=make_solver(cfg.solver, cfg.iters, cfg.alpha),
+            solver=self._solver if self._solver is not None else make_solver(cfg.solver, cfg.iters, cfg.alpha),
             config=tcfg,
             hvp_batches=self.hvp_loader,
         )
