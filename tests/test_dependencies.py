@@ -48,3 +48,34 @@ def test_the_architecture_page_is_generated():
     assert graph_mod.MARKER in page
     text = graph_mod.render(ROOT)
     assert "bilevel    -> (nothing of this repository)" in text and "| `bilevel.solvers.aid` |" in text
+
+
+def test_the_wheel_carries_the_license_and_only_the_package(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    import pytest
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 (pyproject's build requirement)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(ROOT),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("bilevel-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "bilevel/solvers/aid.py" in names and "bilevel/_table8.py" not in names
+    assert {n.split("/")[0] for n in names} == {"bilevel", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert not any(n.endswith("entry_points.txt") for n in names)  # no console script that needs the source tree
