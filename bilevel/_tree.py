@@ -11,7 +11,7 @@ All functions are pure: they return new trees and never modify their arguments.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ Tree = dict[str, Tensor]
 
 __all__ = [
     "Tree",
+    "all_finite",
     "tree_add",
     "tree_all_finite",
     "tree_detach",
@@ -72,8 +73,12 @@ def tree_detach(a: Tree) -> Tree:
     return {k: v.detach() for k, v in a.items()}
 
 
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """True when every entry of every tensor is finite (one host synchronisation); True for none."""
+    flags = [torch.isfinite(v).all() for v in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def tree_all_finite(a: Tree) -> bool:
     """True when every entry of every leaf is finite (one host synchronisation)."""
-    if not a:
-        return True
-    return bool(torch.stack([torch.isfinite(v).all() for v in a.values()]).all())
+    return all_finite(a.values())

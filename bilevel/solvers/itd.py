@@ -89,21 +89,6 @@ class ITD(Solver):
         if not self.eps_root >= 0.0:
             raise ValueError(f"eps_root must be >= 0, got {self.eps_root!r}")
 
-    def _update(self, theta: Tree, g: Tree, state: dict[str, Tree], t: int) -> Tree:
-        lr = self.lr
-        if self.optimizer == "sgd":
-            return {k: theta[k] - lr * g[k] for k in theta}
-        if self.optimizer == "momentum":
-            buf = g if t == 0 else {k: self.momentum * state["buf"][k] + g[k] for k in g}
-            state["buf"] = buf
-            return {k: theta[k] - lr * buf[k] for k in theta}
-        b1, b2 = self.betas
-        m = {k: (b1 * state["m"][k] if t else 0.0) + (1 - b1) * g[k] for k in g}
-        v = {k: (b2 * state["v"][k] if t else 0.0) + (1 - b2) * g[k] * g[k] for k in g}
-        state["m"], state["v"] = m, v
-        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-        return {k: theta[k] - lr * (m[k] / c1) / (torch.sqrt(v[k] / c2 + self.eps_root) + self.eps) for k in theta}
-
     def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, call):
         g = problem.objective("inner", "unrolled inner steps of ITD")
         f = problem.objective("outer", "f after the unrolled steps of ITD")
@@ -121,7 +106,7 @@ class ITD(Solver):
                     g_theta = dict(
                         zip(g_theta, _ReduceMean.apply(reduce, list(g_theta), *g_theta.values()), strict=True)
                     )
-                theta = self._update(theta, g_theta, state, t)
+                theta = _step(self, theta, g_theta, state, t)
             f_val = f(theta, phi, outer_batch)
             check_finite(f_val.detach(), "outer", "f after the unrolled steps of ITD")
             hg = grad_tree(f_val, phi)
@@ -129,6 +114,23 @@ class ITD(Solver):
         info.inner_value = float(values[0]) if values else None
         info.outer_value = float(f_val.detach())
         return hg if reduce is None else reduce(hg)
+
+
+def _step(opt: ITD, theta: Tree, g: Tree, state: dict[str, Tree], t: int) -> Tree:
+    """One differentiable update ``theta_{t+1}`` of ``opt.optimizer`` (``state`` carries its buffers)."""
+    lr = opt.lr
+    if opt.optimizer == "sgd":
+        return {k: theta[k] - lr * g[k] for k in theta}
+    if opt.optimizer == "momentum":
+        buf = g if t == 0 else {k: opt.momentum * state["buf"][k] + g[k] for k in g}
+        state["buf"] = buf
+        return {k: theta[k] - lr * buf[k] for k in theta}
+    b1, b2 = opt.betas
+    m = {k: (b1 * state["m"][k] if t else 0.0) + (1 - b1) * g[k] for k in g}
+    v = {k: (b2 * state["v"][k] if t else 0.0) + (1 - b2) * g[k] * g[k] for k in g}
+    state["m"], state["v"] = m, v
+    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    return {k: theta[k] - lr * (m[k] / c1) / (torch.sqrt(v[k] / c2 + opt.eps_root) + opt.eps) for k in theta}
 
 
 class _ReduceMean(torch.autograd.Function):

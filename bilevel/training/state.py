@@ -1,0 +1,108 @@
+"""The trainer's state: counters, what a checkpoint holds, and the copy a failing step rolls back to."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from .. import distributed as bdist
+from ..checkpoint import FORMAT, rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from .loop import BilevelTrainer
+
+__all__ = ["COUNTERS", "clone_tree", "counters", "set_counters", "load_state", "restore", "snapshot", "state"]
+
+COUNTERS = ("step_count", "epoch", "inner_updates", "hyper_steps", "skipped_inner", "skipped_outer", "_micro")
+"""The trainer's counters (attributes), saved in checkpoints under the names of :func:`counters`."""
+
+
+def clone_tree(obj: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples whose tensors are cloned (faster than copy.deepcopy)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tree(v) for v in obj)
+    return copy.copy(obj)
+
+
+def counters(tr: BilevelTrainer) -> dict[str, int]:
+    """``{"step", "epoch", "inner_updates", "hyper_steps", "skipped_inner", "skipped_outer", "micro"}``."""
+    return {name.removesuffix("_count").lstrip("_"): int(getattr(tr, name)) for name in COUNTERS}
+
+
+def set_counters(tr: BilevelTrainer, c: dict[str, Any]) -> None:
+    for name in COUNTERS:
+        setattr(tr, name, int(c[name.removesuffix("_count").lstrip("_")]))
+
+
+def snapshot(tr: BilevelTrainer) -> dict[str, Any]:
+    """What a step that updates more than once restores when a later part of it fails: the inner model,
+    its optimizer and scheduler, the counters and the accumulated gradient."""
+    return {
+        "model": clone_tree(tr.model.state_dict()),
+        "optimizer": clone_tree(tr.optimizer.state_dict()),
+        "scheduler": clone_tree(tr.scheduler.state_dict()) if tr.scheduler is not None else None,
+        "counters": counters(tr),
+        "acc": None if tr._acc is None else [a.clone() for a in tr._acc],
+    }
+
+
+def restore(tr: BilevelTrainer, snap: dict[str, Any]) -> None:
+    tr.model.load_state_dict(snap["model"])
+    tr.optimizer.load_state_dict(snap["optimizer"])
+    if tr.scheduler is not None:
+        tr.scheduler.load_state_dict(snap["scheduler"])
+    set_counters(tr, snap["counters"])
+    tr._acc = snap["acc"]
+
+
+def _state_of(obj: Any) -> Any:
+    return obj.state_dict() if obj is not None else None
+
+
+def state(tr: BilevelTrainer) -> dict[str, Any]:
+    """Everything needed to resume (see :meth:`BilevelTrainer.state_dict`)."""
+    own = {"rng": rng_state(), "cursors": {k: c.state_dict() for k, c in tr._cursors.items()}}
+    ranks = bdist.all_gather_object(own) if tr.distributed else [own]
+    return {
+        "format": FORMAT,
+        "config": asdict(tr.config),
+        "counters": counters(tr),
+        "model": tr.model.state_dict(),
+        "optimizer": tr.optimizer.state_dict(),
+        "scheduler": _state_of(tr.scheduler),
+        "meta_model": _state_of(tr.meta_model),
+        "meta_optimizer": _state_of(tr.meta_optimizer),
+        "meta_scheduler": _state_of(tr.meta_scheduler),
+        "accumulated": tr._acc,
+        "world_size": len(ranks),
+        "ranks": ranks,
+    }
+
+
+def load_state(tr: BilevelTrainer, st: dict[str, Any]) -> None:
+    """Restore :func:`state`; data positions are kept in ``tr._pending`` for the next ``fit``."""
+    world = bdist.world_size() if tr.distributed else 1
+    if st.get("world_size", 1) != world:
+        raise ValueError(f"checkpoint was written by {st.get('world_size')} rank(s); this run has {world}")
+    for key, obj in (("scheduler", tr.scheduler), ("meta_model", tr.meta_model)):
+        if (st[key] is None) != (obj is None):
+            raise ValueError(f"checkpoint has {key}={'None' if st[key] is None else 'set'} but this trainer differs")
+    tr.model.load_state_dict(st["model"])
+    tr.optimizer.load_state_dict(st["optimizer"])
+    for key in ("scheduler", "meta_model", "meta_optimizer", "meta_scheduler"):
+        obj = getattr(tr, key)
+        if obj is not None and st[key] is not None:
+            obj.load_state_dict(st[key])
+    set_counters(tr, st["counters"])
+    acc = st["accumulated"]
+    tr._acc = None if acc is None else [a.to(p.device) for a, p in zip(acc, tr._params, strict=True)]
+    mine = st["ranks"][bdist.rank() if tr.distributed else 0]
+    set_rng_state(mine["rng"])
+    tr._pending = mine
