@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the peer libraries used as benchmark baselines and test oracles (benchmarks/peers.py,
-# tests/test_oracles.py) into the ACTIVE environment, without touching torch.
+# tests/core/test_oracles.py) into the ACTIVE environment, without touching torch.
 #
 #   source scripts/venv.sh && bash scripts/install_peers.sh
 #

@@ -3,7 +3,7 @@
 ``<!-- module-graph -->`` on a page becomes (1) which top-level folder imports which (``bilevel``,
 ``examples``, ``benchmarks``) and (2) a table of every ``bilevel`` module with the ``bilevel`` modules it
 imports. Imports are read with :mod:`ast` from every ``.py`` file, including the ones inside functions
-(lazy imports count), and relative imports are resolved. ``tests/test_dependencies.py`` uses
+(lazy imports count), and relative imports are resolved. ``tests/core/test_dependencies.py`` uses
 :func:`imports` to fail when a forbidden edge appears (``bilevel -> examples | benchmarks``,
 ``examples -> benchmarks``).
 """

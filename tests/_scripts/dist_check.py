@@ -1,4 +1,4 @@
-"""Distributed exactness check; run by tests/test_distributed.py as
+"""Distributed exactness check; run by tests/core/test_distributed.py as
 
     python -m torch.distributed.run --nproc_per_node=2 --standalone tests/_scripts/dist_check.py OUT.json
 

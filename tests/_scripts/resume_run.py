@@ -1,4 +1,4 @@
-"""Train a small bilevel model with checkpoints every step; used by tests/test_checkpoint.py.
+"""Train a small bilevel model with checkpoints every step; used by tests/core/test_checkpoint.py.
 
     python tests/_scripts/resume_run.py CKPT OUT MAX_STEPS [SLEEP]
 

@@ -35,7 +35,7 @@ from examples.meltr_video.sentiment import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = {"train": 7, "valid": 5, "test": 4}
 
 

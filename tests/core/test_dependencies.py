@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("module_graph", ROOT / "docs" / "_hooks" / "module_graph.py")
 graph_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(graph_mod)

@@ -15,8 +15,8 @@ import bilevel as bl
 from bilevel.distributed import all_reduce_mean, all_reduce_mean_tensors, is_distributed, rank, world_size
 from bilevel.testing import ridge_diabetes
 
-SCRIPT = Path(__file__).parent / "_scripts" / "dist_check.py"
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve().parents[1] / "_scripts" / "dist_check.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_helpers_are_identities_outside_a_process_group():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((HERE / "data" / "preset_hypergrads.json").read_text())
 _spec = importlib.util.spec_from_file_location("preset_golden", HERE / "_scripts" / "preset_golden.py")
 golden = importlib.util.module_from_spec(_spec)

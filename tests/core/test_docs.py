@@ -16,7 +16,7 @@ import pytest
 
 import bilevel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 MODULES = sorted(m.name for m in pkgutil.walk_packages(bilevel.__path__, "bilevel."))
 

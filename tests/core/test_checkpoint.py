@@ -18,8 +18,8 @@ import torch
 
 from bilevel.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-SCRIPT = Path(__file__).parent / "_scripts" / "resume_run.py"
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve().parents[1] / "_scripts" / "resume_run.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_script():
