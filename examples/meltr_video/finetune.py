@@ -43,8 +43,7 @@ import json
 import math
 import statistics
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from bilevel.solvers import AIDSolver
 from ._util import atomic_write, num_threads
 from .data import Collate, DigitSplits, Tokenizer, VideoTextDataset, make_digit_clips
 from .evaluate import caption_eval, retrieval_eval
-from .meltr import MELTR, MELTRObjectives, loss_gradient, response_curve
+from .meltr import MELTR, MELTRObjectives, RecentTrainBatches, loss_gradient, response_curve
 from .qa import QACollate, QAModel, make_qa, qa_accuracy
 from .testbed import make_testbed
 from .univl import LOSS_NAMES, PRIMARY, UniVL, UniVLConfig
@@ -319,39 +318,6 @@ def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
     raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
 
 
-class _RecentTrain:
-    """The official meta batch: a uniformly random one of the last ``history`` training batches
-    (drawn with ``generator``). Endless; :meth:`observe` is fed by :class:`_Observed`."""
-
-    def __init__(self, generator: torch.Generator, history: int = 10):
-        self.recent: deque[Any] = deque(maxlen=history)
-        self.generator = generator
-
-    def observe(self, batch: Any) -> None:
-        self.recent.append(batch)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            if not self.recent:
-                raise RuntimeError("no training batch observed before the first meta batch")
-            yield self.recent[int(torch.randint(len(self.recent), (1,), generator=self.generator))]
-
-
-class _Observed:
-    """A training loader that shows every batch it yields to a :class:`_RecentTrain`."""
-
-    def __init__(self, loader: Any, sink: _RecentTrain):
-        self.loader, self.sink = loader, sink
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        for b in self.loader:
-            self.sink.observe(b)
-            yield b
-
-
 class _SolverStats(bl.Callback):
     """Per-epoch sums over hyper steps: count, seconds by stage, HVPs, CG negative curvature, divergence."""
 
@@ -492,8 +458,8 @@ class FinetuneRun:
             if cfg.meta_batch == "heldout":
                 self.meta_loader = make_loader("meta", "meta_order", "meta_masks")
             else:
-                recent = _RecentTrain(self.gens["meta_order"], 10)
-                loader, self.meta_loader = _Observed(loader, recent), recent
+                recent = RecentTrainBatches(self.gens["meta_order"], 10)
+                loader, self.meta_loader = recent.watch(loader), recent
             if cfg.solver == "stocbio":
                 self.hvp_loader = make_loader("train", "hvp_order", "hvp_masks")
         self.loader = loader

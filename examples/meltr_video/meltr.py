@@ -23,10 +23,9 @@ which every hypergradient needs.
 
 from __future__ import annotations
 
-import random
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ import bilevel as bl
 __all__ = [
     "MELTR",
     "MELTRObjectives",
-    "MetaBatchSampler",
+    "RecentTrainBatches",
     "loss_gradient",
     "make_objectives",
     "regulariser",
@@ -249,56 +248,43 @@ def make_objectives(
     return obj.problem(), obj.params, obj.hparams, obj
 
 
-class MetaBatchSampler:
-    """Where the outer (meta) batches come from.
+class RecentTrainBatches:
+    """The official code's meta batch: a uniformly random one of the last ``history`` training batches
+    (drawn with ``generator``; MATH.md section 7: a training batch as meta batch means no held-out meta
+    data). An endless iterable for :meth:`bilevel.BilevelTrainer.fit`'s ``outer_loader``; the training
+    loader is wrapped with :meth:`watch` so that every batch it yields is recorded. (The default meta
+    batches, a held-out meta split, need no sampler: its DataLoader is cycled by the trainer.)"""
 
-    Modes:
-        ``"held-out"`` (default): batches of a separate meta split, cycled (``meta_batches`` is a
-            re-iterable, e.g. a DataLoader; it is re-iterated when exhausted).
-        ``"recent-train"``: the official code's choice, a uniformly random one of the last
-            ``history`` (10) training batches passed to :meth:`observe`. (MATH.md section 7: a training
-            batch as meta batch means no held-out meta data.)
-    """
-
-    MODES = ("held-out", "recent-train")
-
-    def __init__(
-        self,
-        mode: Literal["held-out", "recent-train"] = "held-out",
-        meta_batches: Iterable[Any] | None = None,
-        history: int = 10,
-        seed: int = 0,
-    ):
-        if mode not in self.MODES:
-            raise ValueError(f"unknown meta-batch mode {mode!r}; choose one of {self.MODES}")
-        if mode == "held-out" and meta_batches is None:
-            raise ValueError("mode 'held-out' needs meta_batches (an iterable over the meta split)")
-        if not isinstance(history, int) or history < 1:
+    def __init__(self, generator: torch.Generator, history: int = 10):
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history must be a positive int, got {history!r}")
-        self.mode = mode
-        self.history = history
-        self._meta = meta_batches
-        self._it: Iterator[Any] | None = None
-        self._recent: deque[Any] = deque(maxlen=history)
-        self._rng = random.Random(seed)
+        self.recent: deque[Any] = deque(maxlen=history)
+        self.generator = generator
 
     def observe(self, batch: Any) -> None:
-        """Record a training batch (kept only in ``"recent-train"`` mode)."""
-        if self.mode == "recent-train":
-            self._recent.append(batch)
+        """Record a training batch."""
+        self.recent.append(batch)
 
-    def sample(self) -> Any:
-        """The next meta batch."""
-        if self.mode == "recent-train":
-            if not self._recent:
-                raise RuntimeError("no training batch observed yet: call observe(batch) before sample()")
-            return self._recent[self._rng.randrange(len(self._recent))]
-        assert self._meta is not None
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(self._meta)
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._it = None
-        raise ValueError("meta_batches is empty: the meta split produced no batch")
+    def watch(self, loader: Any) -> _Watched:
+        """``loader`` whose every yielded batch is first passed to :meth:`observe`."""
+        return _Watched(loader, self)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            if not self.recent:
+                raise RuntimeError("no training batch observed before the first meta batch")
+            yield self.recent[int(torch.randint(len(self.recent), (1,), generator=self.generator))]
+
+
+class _Watched:
+    def __init__(self, loader: Any, sink: RecentTrainBatches):
+        self.loader, self.sink = loader, sink
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.loader:
+            self.sink.observe(b)
+            yield b
+

@@ -193,6 +193,17 @@ class CrossEncoder(nn.Module):
         """[N, L, H] -> [N]: the matching score ``w^T pooled + b`` from the first ([CLS]) position."""
         return self.score(self.pooled(h)).squeeze(-1)
 
+    def pair_scores(self, t: Tensor, tm: Tensor, v: Tensor, vm: Tensor) -> Tensor:
+        """Matching scores [Nt, Nv] of every (text i, video j) pair, each pair through the encoder
+        (differentiable; cost Nt * Nv passes). ``t`` [Nt, Lt, H] encoded text, ``tm`` its mask,
+        ``v`` [Nv, F, H] encoded video (frame tokens), ``vm`` its mask."""
+        Nt, Nv = t.shape[0], v.shape[0]
+        tt = t.unsqueeze(1).expand(Nt, Nv, *t.shape[1:]).reshape(Nt * Nv, *t.shape[1:])
+        ttm = tm.unsqueeze(1).expand(Nt, Nv, tm.shape[1]).reshape(Nt * Nv, -1)
+        vv = v.unsqueeze(0).expand(Nt, Nv, *v.shape[1:]).reshape(Nt * Nv, *v.shape[1:])
+        vvm = vm.unsqueeze(0).expand(Nt, Nv, vm.shape[1]).reshape(Nt * Nv, -1)
+        return self.pooled_score(self(tt, ttm, vv, vvm)).view(Nt, Nv)
+
     def can_score_all_pairs(self) -> bool:
         """Whether :meth:`all_pair_scores` applies: one post-LN layer, evaluation mode."""
         layers = self.encoder.layers
@@ -341,13 +352,9 @@ class UniVL(nn.Module):
         return a @ b.T
 
     def cross_scores(self, t: Tensor, tmask: Tensor, v: Tensor, vmask: Tensor) -> Tensor:
-        """Cross-encoder matching scores [Nt, Nv] for every (text i, video j) pair."""
-        Nt, Nv = t.shape[0], v.shape[0]
-        tt = t.unsqueeze(1).expand(Nt, Nv, *t.shape[1:]).reshape(Nt * Nv, *t.shape[1:])
-        ttm = tmask.unsqueeze(1).expand(Nt, Nv, tmask.shape[1]).reshape(Nt * Nv, -1)
-        vv = v.unsqueeze(0).expand(Nt, Nv, *v.shape[1:]).reshape(Nt * Nv, *v.shape[1:])
-        vvm = vmask.unsqueeze(0).expand(Nt, Nv, vmask.shape[1]).reshape(Nt * Nv, -1)
-        return self.cross.pooled_score(self.cross(tt, ttm, vv, vvm)).view(Nt, Nv)
+        """Cross-encoder matching scores [Nt, Nv] for every (text i, video j) pair
+        (:meth:`CrossEncoder.pair_scores`)."""
+        return self.cross.pair_scores(t, tmask, v, vmask)
 
     def fuse(self, text: Tensor, text_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
         """Pooled cross-modal states [N, H] of the aligned pairs (text i, video i), for task heads (QA).

@@ -464,13 +464,9 @@ class Violet(nn.Module):
         return ps, self.pool_frames(ps)
 
     def cross_scores(self, t: Tensor, tmask: Tensor, v: Tensor, vmask: Tensor) -> Tensor:
-        """Cross-encoder matching scores [Nt, Nv] for every (text i, video j) pair (frame tokens ``v``)."""
-        Nt, Nv = t.shape[0], v.shape[0]
-        tt = t.unsqueeze(1).expand(Nt, Nv, *t.shape[1:]).reshape(Nt * Nv, *t.shape[1:])
-        ttm = tmask.unsqueeze(1).expand(Nt, Nv, tmask.shape[1]).reshape(Nt * Nv, -1)
-        vv = v.unsqueeze(0).expand(Nt, Nv, *v.shape[1:]).reshape(Nt * Nv, *v.shape[1:])
-        vvm = vmask.unsqueeze(0).expand(Nt, Nv, vmask.shape[1]).reshape(Nt * Nv, -1)
-        return self.cross.pooled_score(self.cross(tt, ttm, vv, vvm)).view(Nt, Nv)
+        """Cross-encoder matching scores [Nt, Nv] for every (text i, video j) pair (frame tokens ``v``;
+        :meth:`~examples.meltr_video.univl.CrossEncoder.pair_scores`)."""
+        return self.cross.pair_scores(t, tmask, v, vmask)
 
     def _vtm(self, t: Tensor, tmask: Tensor, v: Tensor, vmask: Tensor) -> Tensor:
         B = t.shape[0]

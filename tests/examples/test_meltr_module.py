@@ -13,7 +13,7 @@ from torch import nn
 import bilevel as bl
 from examples.meltr_video.meltr import (
     MELTR,
-    MetaBatchSampler,
+    RecentTrainBatches,
     loss_gradient,
     make_objectives,
     regulariser,
@@ -211,34 +211,21 @@ def test_aid_fp_lite_hypergradient_matches_autograd():
     assert any(a is not None and float(a.abs().sum()) > 0 for a in gphif)
 
 
-def test_meta_batch_sampler_held_out_cycles():
-    s = MetaBatchSampler("held-out", meta_batches=[1, 2, 3])
-    assert [s.sample() for _ in range(7)] == [1, 2, 3, 1, 2, 3, 1]
-    s.observe(99)
-    assert s.sample() == 2
-    with pytest.raises(ValueError, match="empty"):
-        MetaBatchSampler("held-out", meta_batches=[]).sample()
-    with pytest.raises(ValueError, match="needs meta_batches"):
-        MetaBatchSampler("held-out")
-
-
-def test_meta_batch_sampler_recent_train():
-    s = MetaBatchSampler("recent-train", history=10, seed=0)
-    with pytest.raises(RuntimeError, match="observe"):
-        s.sample()
-    for b in range(25):
-        s.observe(b)
-    draws = {s.sample() for _ in range(300)}
-    assert draws == set(range(15, 25))
-    s2 = MetaBatchSampler("recent-train", history=10, seed=0)
-    for b in range(25):
-        s2.observe(b)
-    s3 = MetaBatchSampler("recent-train", history=10, seed=0)
-    for b in range(25):
-        s3.observe(b)
-    assert [s2.sample() for _ in range(20)] == [s3.sample() for _ in range(20)]
-    with pytest.raises(ValueError, match="unknown meta-batch mode"):
-        MetaBatchSampler("last")  # type: ignore[arg-type]
+def test_recent_train_batches_draw_from_the_last_ten_training_batches():
+    recent = RecentTrainBatches(torch.Generator().manual_seed(0), history=10)
+    with pytest.raises(RuntimeError, match="no training batch observed"):
+        next(iter(recent))
+    seen = list(recent.watch(range(25)))  # the training loader, watched
+    assert seen == list(range(25)) and len(recent.watch(range(25))) == 25
+    it = iter(recent)
+    assert {next(it) for _ in range(300)} == set(range(15, 25))
+    twins = [RecentTrainBatches(torch.Generator().manual_seed(0), 10) for _ in range(2)]
+    for r in twins:
+        list(r.watch(range(25)))
+    a, b = iter(twins[0]), iter(twins[1])
+    assert [next(a) for _ in range(20)] == [next(b) for _ in range(20)]  # deterministic from the generator
+    with pytest.raises(ValueError, match="history must be a positive int"):
+        RecentTrainBatches(torch.Generator(), history=0)
 
 
 def test_meltr_gradient_is_finite_for_large_losses():
