@@ -2,6 +2,7 @@
 
     save_checkpoint(state, path)      # atomic: temp file in the same folder, flush + fsync, os.replace, fsync folder
     state = load_checkpoint(path)     # torch.load(..., weights_only=True); clear error for a broken or foreign file
+    atomic_write(path, write)         # the same atomic write for any content: write(fh) fills a binary file
 
 A crash (even SIGKILL or a power cut after the rename) at any moment of :func:`save_checkpoint` leaves
 either the previous complete file or the new complete file at ``path``, never a truncated one.
@@ -14,13 +15,22 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "atomic_write",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 #: marker stored in every trainer checkpoint (key ``"format"``), checked on load
 FORMAT = "bilevel.trainer/1"
@@ -44,7 +54,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` to ``path`` with :func:`torch.save`, atomically.
+    """Write ``state`` to ``path`` with :func:`torch.save`, atomically (:func:`atomic_write`).
+    Returns ``path`` as a :class:`~pathlib.Path`."""
+    return atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
+    """``write(fh)`` into a binary file that replaces ``path`` atomically.
 
     The data go to a temporary file in the same folder, which is flushed and ``fsync``-ed, then
     renamed over ``path`` with :func:`os.replace` (atomic on POSIX and Windows), and the folder is
@@ -56,7 +72,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

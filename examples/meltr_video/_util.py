@@ -1,30 +1,14 @@
-"""Two small helpers shared by the MELTR example's modules: atomic file writes and a thread-count scope."""
+"""A helper shared by the MELTR example's modules: a thread-count scope. (Atomic file writes are
+:func:`bilevel.checkpoint.atomic_write`.)"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write", "num_threads"]
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path`` (atomic);
-    on any error the temporary file is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["num_threads"]
 
 
 @contextmanager

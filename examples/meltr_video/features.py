@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._util import atomic_write, num_threads
+from bilevel.checkpoint import atomic_write
+
+from ._util import num_threads
 
 __all__ = ["EncoderSettings", "FrameEncoder", "encode_frames", "frame_encoder", "train_frame_encoder"]
 
@@ -179,10 +181,7 @@ def frame_encoder(
     model = train_frame_encoder(images, labels, settings)
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    atomic_write(path, write_npz)
-    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps({"sha256": _digest(arrays), **asdict(settings)})))
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    meta = json.dumps({"sha256": _digest(arrays), **asdict(settings)})
+    atomic_write(sidecar, lambda fh: fh.write(meta.encode()))
     return model

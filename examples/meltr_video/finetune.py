@@ -52,9 +52,10 @@ import torch
 from torch import Tensor, nn
 
 import bilevel as bl
+from bilevel.checkpoint import atomic_write, save_checkpoint
 from bilevel.solvers import AIDSolver
 
-from ._util import atomic_write, num_threads
+from ._util import num_threads
 from .data import Collate, DigitSplits, Tokenizer, VideoTextDataset, make_digit_clips
 from .evaluate import caption_eval, retrieval_eval
 from .meltr import MELTR, MELTRObjectives, RecentTrainBatches, loss_gradient, response_curve
@@ -593,10 +594,10 @@ class FinetuneRun:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.out is not None:
                 state = {"backbone": self.best_state, "epoch": self.best}
-                atomic_write(self.out / "best.pt", lambda p: torch.save(state, p))
+                save_checkpoint(state, self.out / "best.pt")
         if self.out is not None:
             gens = {"epoch": self.trainer.epoch, **{k: g.get_state() for k, g in self.gens.items()}}
-            atomic_write(self.out / "data_rng.pt", lambda p: torch.save(gens, p))
+            save_checkpoint(gens, self.out / "data_rng.pt")
         self._save()
         return rec
 
@@ -612,8 +613,8 @@ class FinetuneRun:
         if self.meltr is not None:
             res["response"] = self.response()
         if self.out is not None:
-            atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
-            atomic_write(self.out / "meltr.pt", lambda p: torch.save(self.meltr.state_dict() if self.meltr else {}, p))
+            atomic_write(self.out / "results.json", lambda fh: fh.write(json.dumps(res, indent=1).encode()))
+            save_checkpoint(self.meltr.state_dict() if self.meltr else {}, self.out / "meltr.pt")
         return res
 
     @torch.no_grad()
@@ -649,7 +650,7 @@ class FinetuneRun:
     def _save(self) -> None:
         if self.out is not None:
             res = self.results()
-            atomic_write(self.out / "results.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+            atomic_write(self.out / "results.json", lambda fh: fh.write(json.dumps(res, indent=1).encode()))
 
     def _resume(self) -> None:
         assert self.out is not None

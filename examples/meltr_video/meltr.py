@@ -287,4 +287,3 @@ class _Watched:
         for b in self.loader:
             self.sink.observe(b)
             yield b
-

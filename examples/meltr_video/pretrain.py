@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._util import atomic_write
+from bilevel.checkpoint import save_checkpoint  # atomic torch.save (re-exported: the pretrain CLI writes with it)
+
 from .data import SPECIAL_TOKENS, Collate, Tokenizer, make_digit_clips
 from .evaluate import retrieval_eval
 from .testbed import make_testbed, testbed_tokenizer
@@ -69,11 +70,6 @@ VIOLET_PRESETS: dict[str, dict[str, Any]] = {
 }
 _PRESETS_OF = {("univl", "testbed"): PRESETS, ("univl", "digits"): DIGITS_PRESETS, ("violet", "digits"): VIOLET_PRESETS}
 _PRIMARY_OF = {"univl": "alignment", "violet": "vtm"}
-
-
-def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` (atomic)."""
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:
