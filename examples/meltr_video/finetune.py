@@ -40,11 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +52,36 @@ from torch import Tensor, nn
 
 import bilevel as bl
 from bilevel.checkpoint import atomic_write, save_checkpoint
-from bilevel.solvers import AIDSolver
 
 from ._util import num_threads
-from .data import Collate, DigitSplits, Tokenizer, VideoTextDataset, make_digit_clips
+from .config import (  # noqa: F401 (re-exported: the run's settings live in config.py)
+    AID_SOLVERS,
+    BACKBONE_LOSSES,
+    BACKBONES,
+    DATA,
+    DATA_SIZES,
+    DEFAULT_PRETRAINED,
+    MAX_WORDS,
+    MELTR_SIZES,
+    META_BATCH,
+    METHODS,
+    SHIPPED_CHECKPOINT,
+    SOLVERS,
+    TASKS,
+    FinetuneConfig,
+    add_arguments,
+    config_from_args,
+    default_pretrained,
+    make_solver,
+    parse_weights,
+)
+from .data import DigitSplits, Tokenizer
 from .evaluate import caption_eval, retrieval_eval
-from .meltr import MELTR, MELTRObjectives, RecentTrainBatches, loss_gradient, response_curve
-from .qa import QACollate, QAModel, make_qa, qa_accuracy
-from .testbed import make_testbed
-from .univl import LOSS_NAMES, PRIMARY, UniVL, UniVLConfig
-from .violet import LOSS_NAMES as VIOLET_LOSS_NAMES
-from .violet import PRIMARY as VIOLET_PRIMARY
-from .violet import Violet, VioletCollate, VioletConfig
+from .meltr import MELTR, MELTRObjectives, loss_gradient, response_curve
+from .qa import QAModel, qa_accuracy
+from .sources import collate_for, data_generators, example_sets, fine_tuning_data, make_loaders, read_pretrained
+from .univl import UniVL, UniVLConfig
+from .violet import Violet, VioletConfig
 
 __all__ = [
     "METHODS",
@@ -77,246 +94,6 @@ __all__ = [
     "make_solver",
     "parse_weights",
 ]
-
-METHODS = ("single", "mtl", "weighted", "meltr")
-BACKBONES = ("univl", "violet")
-#: task -> primary loss, per backbone (the QA tasks add the answer loss "qa" to the backbone's losses)
-TASKS: dict[str, dict[str, str]] = {
-    "univl": {**PRIMARY, "qa-mc": "qa", "qa-oe": "qa"},
-    "violet": {**VIOLET_PRIMARY, "qa-mc": "qa", "qa-oe": "qa"},
-}
-#: the backbones' pretext losses (MELTR's inputs, in order)
-BACKBONE_LOSSES: dict[str, tuple[str, ...]] = {"univl": LOSS_NAMES, "violet": VIOLET_LOSS_NAMES}
-#: MELTR's sizes per backbone (MATH.md section 4: official code's UniVL and Violet configs)
-MELTR_SIZES: dict[str, dict[str, int]] = {
-    "univl": {"hidden": 128, "d_model": 256, "ff": 512},
-    "violet": {"hidden": 256, "d_model": 512, "ff": 512},
-}
-#: default pretrained checkpoint per backbone. UniVL: on the testbed's source domain, shipped in the repository
-#: (``python -m examples.meltr_video.pretrain --epochs 12 --threads 2 --out PATH`` regenerates it, see
-#: docs/testbed.md); "univl-digits": UniVL on the digit clips (QA); Violet: on the digit clips.
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "univl_tiny_testbed.pt"
-DEFAULT_PRETRAINED = {
-    "univl": str(SHIPPED_CHECKPOINT),
-    "violet": "runs/pretrain_violet.pt",
-    "univl-digits": "runs/pretrain_tiny_digits.pt",
-}
-
-
-def default_pretrained(backbone: str, data: str) -> str:
-    """The default checkpoint path of ``backbone`` pretrained for ``data``."""
-    return DEFAULT_PRETRAINED["univl-digits" if (backbone, data) == ("univl", "digits") else backbone]
-
-
-SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
-# those that take a shared linearisation (bilevel's AID solvers)
-AID_SOLVERS = tuple(n for n in SOLVERS if issubclass(bl.SOLVERS[n], AIDSolver))
-META_BATCH = ("heldout", "last10")
-DATA = ("testbed", "digits")
-#: default split sizes and caption length per data set
-DATA_SIZES: dict[str, dict[str, int]] = {
-    "testbed": {"train": 256, "meta": 64, "val": 250, "test": 1000},
-    "digits": {"train": 160, "meta": 96, "val": 200, "test": 300},
-}
-MAX_WORDS = {"testbed": 24, "digits": 20}
-_GENS = ("train_order", "train_masks", "meta_order", "meta_masks", "hvp_order", "hvp_masks")
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of one fine-tuning run (all saved in the results JSON).
-
-    Attributes:
-        task: ``"retrieval"`` (primary loss: UniVL ``alignment``, Violet ``vtm``), ``"captioning"``
-            (UniVL only, ``decoder``), ``"qa-mc"`` / ``"qa-oe"`` (video question answering, multiple
-            choice / open-ended, :mod:`~examples.meltr_video.qa`; primary loss ``qa``, the answer
-            cross-entropy, with the backbone's pretext losses on the clip's caption as auxiliaries).
-        backbone: ``"univl"`` or ``"violet"``; must match the checkpoint ``pretrained``.
-        method: ``"single"``, ``"mtl"``, ``"weighted"`` (``sum_t w_t L_t`` with fixed ``weights``) or ``"meltr"``.
-        weights: the ``weighted`` method's ``{loss name: w_t >= 0}`` (losses left out weigh 0 and are
-            not computed).
-        solver: hypergradient solver of MELTR (ignored by the baselines).
-        K: one hyper step every K inner steps (``TrainerConfig.hyper_every``).
-        gamma: weight of MELTR's regulariser ``|sum_t L_t - L_aux|`` in ``f``.
-        meta_batch: ``"heldout"`` (the ``meta`` split) or ``"last10"`` (official code).
-        iters, alpha: solver options (see the module docstring).
-        share_linearization: MELTR with an AID solver: one linearisation of ``g`` per hyper step serves
-            both the inner update and the hypergradient, the hyper step coming before that step's
-            inner update (``bilevel.TrainerConfig.share_linearization``); saves one forward and
-            backward pass of the backbone per hyper step.
-        lr: backbone Adam learning rate; meta_lr / meta_weight_decay / meta_clip: MELTR's Adam and
-            hypergradient clipping (official code: 1e-3, 3e-5, 50).
-        data: ``"testbed"`` or ``"digits"`` (None: ``"digits"`` for the Violet backbone and the QA tasks,
-            whose question generator reads the digit clips' captions, else ``"testbed"``).
-        sizes: clips in the train / meta / val / test splits (``data_seed``; None: :data:`DATA_SIZES`).
-        max_words: caption length limit (None: :data:`MAX_WORDS` of the data).
-        train_on_meta: a baseline (single, MTL) also trains on the ``meta`` split, so that it sees
-            every labelled pair MELTR sees (MELTR uses them in its outer objective only).
-        eval_threads: torch threads for evaluation only (None: as for training). Training times are
-            measured apart from evaluation, so benchmarks can train on one thread and evaluate on all.
-    """
-
-    task: str = "retrieval"
-    backbone: str = "univl"
-    method: str = "meltr"
-    solver: str = "aid-fp-lite"
-    seed: int = 0
-    epochs: int = 3
-    K: int = 3
-    gamma: float = 0.1
-    meta_batch: str = "heldout"
-    pretrained: str | None = None
-    out: str | None = None
-    resume: bool = False
-    batch_size: int = 16
-    lr: float = 1e-4
-    meta_lr: float = 1e-3
-    meta_weight_decay: float = 3e-5
-    meta_clip: float = 50.0
-    iters: int = 3
-    alpha: float = 0.01
-    share_linearization: bool = False
-    data_seed: int = 0
-    data: str | None = None
-    sizes: dict[str, int] | None = None
-    max_words: int | None = None
-    train_on_meta: bool = False
-    weights: dict[str, float] | None = None
-    eval_test: bool = True
-    progress: bool = True
-    eval_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
-        digits_only = self.backbone == "violet" or self.task.startswith("qa-")
-        if self.data is None:
-            self.data = "digits" if digits_only else "testbed"
-        if self.data not in DATA:
-            raise ValueError(f"unknown data {self.data!r}; choose one of {DATA}")
-        if self.data == "testbed" and digits_only:
-            raise ValueError(
-                f"backbone {self.backbone!r} / task {self.task!r} runs on data='digits' only (the Violet backbone "
-                "reads raw frames; the QA questions are generated from the digit clips' captions)"
-            )
-        if self.sizes is None:
-            self.sizes = dict(DATA_SIZES[self.data])
-        if self.pretrained is None:
-            self.pretrained = default_pretrained(self.backbone, self.data)
-        if self.max_words is None:
-            self.max_words = MAX_WORDS[self.data]
-        if self.method == "weighted":
-            known = (*BACKBONE_LOSSES[self.backbone], *(("qa",) if self.qa_kind else ()))
-            w = self.weights or {}
-            bad = [k for k in w if k not in known]
-            if bad:
-                raise ValueError(f"weights name unknown loss(es) {bad}; the losses are {list(known)}")
-            if any(not (isinstance(v, int | float) and 0 <= v < math.inf) for v in w.values()) or not any(w.values()):
-                raise ValueError(f"weights must be finite numbers >= 0, at least one > 0; got {w!r}")
-        elif self.weights is not None:
-            raise ValueError(f"weights are for method='weighted', not {self.method!r}")
-        if self.train_on_meta and self.method == "meltr":
-            raise ValueError("train_on_meta is for the baselines; MELTR uses the meta split for its outer objective")
-        if self.task not in TASKS[self.backbone]:
-            raise ValueError(
-                f"unknown task {self.task!r} for backbone {self.backbone!r}; choose one of {list(TASKS[self.backbone])}"
-            )
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.solver not in SOLVERS and not _is_peer(self.solver):
-            raise ValueError(
-                f"unknown solver {self.solver!r}; choose one of {SOLVERS} or PEER:METHOD (e.g. 'torchopt:cg')"
-            )
-        if self.share_linearization and self.method == "meltr" and self.solver not in AID_SOLVERS:
-            raise ValueError(
-                f"share_linearization needs an AID solver {AID_SOLVERS}, got {self.solver!r} (ITD and the peers' "
-                "solvers linearise g themselves)"
-            )
-        if self.meta_batch not in META_BATCH:
-            raise ValueError(f"unknown meta batch source {self.meta_batch!r}; choose one of {META_BATCH}")
-        for name in ("epochs", "K", "batch_size", "iters"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iters" else 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.eval_threads is not None and (
-            isinstance(self.eval_threads, bool) or not isinstance(self.eval_threads, int) or self.eval_threads < 1
-        ):
-            raise ValueError(f"eval_threads must be None or an int >= 1, got {self.eval_threads!r}")
-        for name in ("lr", "meta_lr", "alpha", "meta_clip"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and 0 < v < math.inf):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
-            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        for split in ("train", "val", "test") + (("meta",) if self.method == "meltr" else ()):
-            n = self.sizes.get(split, 0)
-            if split in ("train", "meta") and n < self.batch_size:
-                raise ValueError(f"split {split!r} has {n} clips, fewer than one batch ({self.batch_size})")
-            if n < 2:
-                raise ValueError(f"split {split!r} needs at least 2 clips, got {n}")
-
-    @property
-    def primary(self) -> str:
-        return TASKS[self.backbone][self.task]
-
-    @property
-    def qa_kind(self) -> str | None:
-        """``"mc"`` / ``"oe"`` for the QA tasks, else None."""
-        return self.task[3:] if self.task.startswith("qa-") else None
-
-    @property
-    def name(self) -> str:
-        """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite`` (the method and solver only)."""
-        if self.method == "weighted":
-            w = ",".join(f"{k}={v:g}" for k, v in (self.weights or {}).items() if v)
-            return f"weighted[{w}]" + ("+meta" if self.train_on_meta else "")
-        if self.method != "meltr":
-            return self.method + ("+meta" if self.train_on_meta else "")
-        return f"meltr-{self.solver}" + ("-shared" if self.share_linearization else "")
-
-
-def parse_weights(spec: str) -> dict[str, float]:
-    """``"alignment=1,decoder=0.5"`` -> ``{"alignment": 1.0, "decoder": 0.5}`` (names checked by FinetuneConfig)."""
-    out: dict[str, float] = {}
-    for item in spec.split(","):
-        k, sep, v = item.strip().partition("=")
-        if not sep or not k:
-            raise ValueError(f"weights {spec!r}: expected name=value pairs separated by commas")
-        try:
-            out[k] = float(v)
-        except ValueError:
-            raise ValueError(f"weights {spec!r}: {v!r} is not a number") from None
-    return out
-
-
-def _is_peer(name: str) -> bool:
-    """``PEER:METHOD`` names a peer library's solver (checked fully by :func:`make_solver`)."""
-    peer, sep, method = name.partition(":")
-    return bool(sep and peer and method)
-
-
-def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
-    """The MELTR solver ``name`` with the common options (see the module docstring).
-
-    Non-convexity of the fine-tuning problem is expected (the backbone is not at an inner minimum):
-    negative curvature in CG and Neumann divergence are counted in the run's statistics, not raised.
-    """
-    if name == "aid-fp-lite":
-        return bl.get_solver(name, scale=alpha)
-    if name == "aid-cg":
-        return bl.get_solver(name, iters=iters, on_negative_curvature="ignore")
-    if name == "aid-fp":
-        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
-    if name == "itd":
-        return bl.get_solver(name, steps=1, lr=alpha)
-    if name == "stocbio":
-        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
-    if _is_peer(name):
-        raise ValueError(
-            f"solver {name!r} is a peer library's: build it with benchmarks.peers.parse_peer_solver and pass it as "
-            "FinetuneRun(cfg, solver=...) (the examples do not import the benchmarks)"
-        )
-    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
 
 
 class _SolverStats(bl.Callback):
@@ -389,47 +166,12 @@ class FinetuneRun:
     ):
         self.cfg = cfg
         self._solver = solver
-        if pretrained is None:
-            from .pretrain import load_pretrained
-
-            if not Path(cfg.pretrained).exists():
-                raise FileNotFoundError(
-                    f"pretrained backbone {cfg.pretrained} not found: run "
-                    f"`python -m examples.meltr_video.pretrain --backbone {cfg.backbone} --data {cfg.data} "
-                    f"--out {cfg.pretrained}` first"
-                )
-            model, tok, _ = load_pretrained(cfg.pretrained)
-            state, ucfg = model.state_dict(), model.cfg
-        else:
-            state, ucfg, tok = pretrained
+        state, ucfg, tok = pretrained if pretrained is not None else read_pretrained(cfg)
         self.tok = tok
-        if data is None:
-            make = make_testbed if cfg.data == "testbed" else make_digit_clips
-            data = make(cfg.data_seed, sizes=cfg.sizes)
-        if data.tokenizer.vocab != tok.vocab:
-            raise ValueError(
-                f"the pretrained backbone {cfg.pretrained} has another vocabulary than the {cfg.data!r} data; pretrain "
-                f"it on that data (python -m examples.meltr_video.pretrain --data {cfg.data})"
-            )
-        needed = ("train", "val", "test") + (("meta",) if cfg.method == "meltr" or cfg.train_on_meta else ())
-        for split in needed:
-            if split not in data.splits:
-                raise KeyError(f"the data has no {split!r} split (has {list(data.splits)})")
-        if cfg.train_on_meta:  # the baseline trains on every labelled pair: train + meta
-            tr, me = data["train"], data["meta"]
-            frames = None
-            if tr.frames is not None and me.frames is not None:
-                import numpy as np
-
-                frames = np.concatenate([tr.frames, me.frames])
-            merged = VideoTextDataset(tr.records + me.records, frames=frames)
-            data = DigitSplits({**data.splits, "train": merged}, data.tokenizer)
-        self.data = data
-        kind = cfg.qa_kind
+        self.data = fine_tuning_data(cfg, tok, data)
         # the data the loaders and the evaluation see: the clips, or questions on them (QA tasks)
-        self.sets: dict[str, Any] = {
-            name: make_qa(ds, kind, seed=cfg.data_seed) if kind else ds for name, ds in self.data.splits.items()
-        }
+        self.sets: dict[str, Any] = example_sets(cfg, self.data)
+        kind = cfg.qa_kind
         torch.manual_seed(cfg.seed)
         self.backbone = _build_backbone(cfg, ucfg, tok)
         self.backbone.load_state_dict(state)
@@ -439,30 +181,8 @@ class FinetuneRun:
         sizes = MELTR_SIZES[cfg.backbone]
         self.meltr = MELTR(names, **sizes) if cfg.method == "meltr" else None
         self.obj = MELTRObjectives(self.model, self.meltr or MELTR(names, **sizes), cfg.primary, cfg.gamma)
-        # Every source of randomness in the data has its own generator, seeded from cfg.seed, so that all
-        # methods see the same training batches in the same order (hyper steps draw from their own
-        # generators) and a resumed run continues the generators saved at the end of its last epoch.
-        self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(_GENS)}
-
-        def make_loader(split: str, order: str, masks: str) -> torch.utils.data.DataLoader:
-            c = self.collate()
-            c.gen = self.gens[masks]
-            return torch.utils.data.DataLoader(
-                self.sets[split], batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=c,
-                generator=self.gens[order],
-            )  # fmt: skip
-
-        loader: Any = make_loader("train", "train_order", "train_masks")
-        self.meta_loader: Any = None
-        self.hvp_loader: Any = None
-        if cfg.method == "meltr":
-            if cfg.meta_batch == "heldout":
-                self.meta_loader = make_loader("meta", "meta_order", "meta_masks")
-            else:
-                recent = RecentTrainBatches(self.gens["meta_order"], 10)
-                loader, self.meta_loader = recent.watch(loader), recent
-            if cfg.solver == "stocbio":
-                self.hvp_loader = make_loader("train", "hvp_order", "hvp_masks")
+        self.gens = data_generators(cfg.seed)
+        loader, self.meta_loader, self.hvp_loader = make_loaders(cfg, self.sets, self.collate, self.gens)
         self.loader = loader
         self.trainer = self._trainer()
         self.stats = _SolverStats()
@@ -481,14 +201,7 @@ class FinetuneRun:
     # ------------------------------------------------------------------ building
     def collate(self, seed: int = 0) -> Any:
         """The training collate of this backbone and task (masks seeded with ``seed``; ``.gen`` swappable)."""
-        cfg = self.cfg
-        if cfg.backbone == "violet":
-            base: Any = VioletCollate(self.tok, max_words=cfg.max_words, seed=seed)
-        else:
-            base = Collate(self.tok, max_words=cfg.max_words, seed=seed)
-        if cfg.qa_kind:
-            return QACollate(self.tok, cfg.qa_kind, max_words=cfg.max_words, seed=seed, base=base)
-        return base
+        return collate_for(self.cfg, self.tok, seed)
 
     def _trainer(self) -> bl.BilevelTrainer:
         """The one place that turns (method, solver) into a :class:`bilevel.BilevelTrainer`."""
@@ -727,52 +440,12 @@ def _fmt(m: Mapping[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--task", choices=sorted({t for ts in TASKS.values() for t in ts}), default="retrieval")
-    p.add_argument("--backbone", choices=BACKBONES, default="univl")
-    p.add_argument("--method", choices=METHODS, default="meltr")
-    p.add_argument("--solver", default="aid-fp-lite", help=f"one of {SOLVERS}, or PEER:METHOD (torchopt:cg, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--K", type=int, default=3, help="one hyper step every K inner steps")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--meta-batch", choices=META_BATCH, default="heldout")
-    p.add_argument("--iters", type=int, default=3, help="HVPs of aid-cg / aid-fp / stocbio")
-    p.add_argument("--alpha", type=float, default=0.01, help="aid-fp-lite scale, Neumann step, ITD look-ahead lr")
-    p.add_argument(
-        "--share-linearization", action="store_true",
-        help="AID solvers: one linearisation of g serves the inner update and the hyper step (taken first)",
-    )  # fmt: skip
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--meta-lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data", choices=DATA, default=None, help="testbed (default) or digits (Violet and QA)")
-    p.add_argument("--train-size", type=int, default=None, help=f"default by data: {DATA_SIZES}")
-    p.add_argument("--meta-size", type=int, default=None)
-    p.add_argument("--val-size", type=int, default=None)
-    p.add_argument("--test-size", type=int, default=None)
-    p.add_argument("--train-on-meta", action="store_true", help="baselines: train on the meta split too")
-    p.add_argument("--weights", default=None, help="method weighted: name=w,... e.g. alignment=1,decoder=1")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument(
-        "--pretrained", default=None, help=f"pretrained checkpoint (default by backbone: {DEFAULT_PRETRAINED})"
-    )
-    p.add_argument("--out", default=None, help="run directory (default runs/finetune/BACKBONE-TASK-NAME-sSEED)")
-    p.add_argument("--resume", action="store_true")
+    add_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    given = {"train": a.train_size, "meta": a.meta_size, "val": a.val_size, "test": a.test_size}
-    data = a.data or ("digits" if a.backbone == "violet" or a.task.startswith("qa-") else "testbed")
-    sizes = {k: v if v is not None else DATA_SIZES.get(data, DATA_SIZES["testbed"])[k] for k, v in given.items()}
     try:
-        cfg = FinetuneConfig(
-            task=a.task, backbone=a.backbone, method=a.method, solver=a.solver, seed=a.seed, epochs=a.epochs,
-            K=a.K, gamma=a.gamma, meta_batch=a.meta_batch, pretrained=a.pretrained,
-            resume=a.resume, batch_size=a.batch_size, lr=a.lr, meta_lr=a.meta_lr, iters=a.iters, alpha=a.alpha,
-            share_linearization=a.share_linearization, data_seed=a.data_seed, sizes=sizes, progress=not a.no_progress,
-            data=a.data, train_on_meta=a.train_on_meta, weights=parse_weights(a.weights) if a.weights else None,
-        )  # fmt: skip
+        cfg = config_from_args(a)
     except ValueError as e:
         p.error(str(e))
     cfg.out = a.out or f"runs/finetune/{a.backbone}-{a.task}-{cfg.name}-s{a.seed}"

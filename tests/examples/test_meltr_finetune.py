@@ -228,3 +228,24 @@ def test_backbone_task_mismatch_errors(data, pretrained, violet_pretrained):
         cfg(backbone="violet", task="captioning")
     with pytest.raises(ValueError, match="unknown backbone"):
         cfg(backbone="clip")
+
+
+def test_the_command_line_is_derived_from_the_config_fields():
+    import argparse
+    from dataclasses import fields
+
+    from examples.meltr_video.config import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = {a.dest for a in p._actions}
+    declared = {f.name for f in fields(ft.FinetuneConfig) if "help" in f.metadata}
+    assert declared <= flags and {"train_size", "meta_size", "val_size", "test_size", "no_progress"} <= flags
+    a = p.parse_args(["--method", "weighted", "--weights", "alignment=1,decoder=0.5", "--batch-size", "8",
+                      "--train-size", "32", "--share-linearization", "--no-progress", "--K", "5"])  # fmt: skip
+    cfg = config_from_args(a)
+    assert (cfg.method, cfg.batch_size, cfg.K, cfg.share_linearization, cfg.progress) == ("weighted", 8, 5, True, False)
+    assert cfg.weights == {"alignment": 1.0, "decoder": 0.5} and cfg.sizes["train"] == 32
+    assert cfg.sizes["test"] == ft.DATA_SIZES["testbed"]["test"] and cfg.lr == ft.FinetuneConfig().lr
+    with pytest.raises(SystemExit):
+        p.parse_args(["--solver", "newton"])
