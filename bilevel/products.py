@@ -26,13 +26,42 @@ returns closures for these products. Three modes are offered (``hvp=`` of the AI
     reverse-over-reverse modes in ``benchmarks/hypergrad_accuracy.py``, but keeps no graph alive
     between products.
 
-Each mode's products are equal to rounding (tested). ``docs/results.md`` has the measurements
-behind the default.
+``"fd"``
+    first order, central finite differences of gradients: ``H p ~ (grad_theta g(theta + e p) -
+    grad_theta g(theta - e p)) / (2 e)`` with ``e = fd_radius / ||p||`` (DARTS' radius), two gradient
+    evaluations without a second-order graph; error ``O(e^2)``.
+
+The mixed product ``J v`` has its own modes (``mixed=``):
+
+``"autograd"`` (default)
+    a backward pass to ``phi`` through the first-order graph of the HVP mode (exact).
+``"jvp"``
+    exact, reverse over forward: ``J v = grad_phi [ d/de g(theta + e v, phi) ]_{e=0}``, one
+    forward-mode directional derivative of ``g`` along ``v`` (:func:`torch.func.jvp`), then a backward
+    pass to ``phi`` only; no double backward through the parts of ``g`` that ``phi`` does not reach.
+    torch's forward-mode formula of ``layer_norm`` is not differentiable in its input (its saved
+    mean and variance carry no gradient; pytorch/pytorch#196700, measured wrong by a factor of 10^3
+    on a transformer layer): while this product is taken, ``torch.nn.functional.layer_norm`` is
+    computed by its composite formula ``(x - mean) / sqrt(var + eps) * w + b`` instead (tested
+    equal to ``"autograd"`` to 1e-10 on MELTR's transformer). Other fused normalisations
+    (batch / group / RMS norm) are not patched: check ``"jvp"`` against ``"autograd"`` on such models.
+``"fd"``
+    first order, central: ``J v ~ (grad_phi g(theta + e v) - grad_phi g(theta - e v)) / (2 e)``, ``e =
+    fd_radius / ||v||``: two forward and first-order backward passes, error ``O(e^2)`` (SAMA, DARTS).
+``"fd-onesided"``
+    ``J v ~ (grad_phi g(theta + e v) - grad_phi g(theta)) / e``: one pass more than the linearisation
+    (``grad_phi g(theta)`` is taken once from it), error ``O(e)``.
+
+With ``hvp="fd"`` and a first-order ``mixed`` mode, no second-order graph is ever built, so the peak
+memory is that of a gradient of ``g``. Each exact mode's products are equal to rounding (tested).
+``docs/results.md`` has the measurements behind the defaults.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -40,13 +69,24 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._tree import Tree
+from ._tree import Tree, tree_add, tree_norm
 from .problem import BilevelProblem, Objective, check_finite
 
-__all__ = ["HVPMode", "Linearization", "Reduce", "grad_tree", "leaves", "outer_gradients", "resampled_hvp"]
+__all__ = [
+    "HVPMode",
+    "Linearization",
+    "MixedMode",
+    "Reduce",
+    "grad_tree",
+    "leaves",
+    "outer_gradients",
+    "resampled_hvp",
+]
 
-HVPMode = Literal["rev-rev", "autograd", "fwd-rev"]
-HVP_MODES: tuple[str, ...] = ("rev-rev", "autograd", "fwd-rev")
+HVPMode = Literal["rev-rev", "autograd", "fwd-rev", "fd"]
+HVP_MODES: tuple[str, ...] = ("rev-rev", "autograd", "fwd-rev", "fd")
+MixedMode = Literal["autograd", "jvp", "fd", "fd-onesided"]
+MIXED_MODES: tuple[str, ...] = ("autograd", "jvp", "fd", "fd-onesided")
 
 
 Reduce = Callable[[Tree], Tree]
@@ -79,12 +119,12 @@ def outer_gradients(
 
     ``grad_phi f`` is a tree of exact zeros for hparams that ``f`` does not use.
     ``reduce`` (e.g. an all-reduce mean over data-parallel ranks) is applied to both gradients.
-    ``mode="autograd"`` uses :func:`torch.autograd.grad`, the others :func:`torch.func.grad`.
+    ``mode="autograd"`` and ``"fd"`` use :func:`torch.autograd.grad`, the others :func:`torch.func.grad`.
     Raises ``FloatingPointError`` if ``f`` is not finite.
     """
     red = reduce or _identity
     f = problem.objective("outer", "grad of f")
-    if mode == "autograd":
+    if mode in ("autograd", "fd"):
         with torch.enable_grad():
             th, ph = leaves(params), leaves(hparams)
             value = f(th, ph, batch)
@@ -105,7 +145,8 @@ class Linearization:
         value: ``g(theta, phi)``, a 0-dim tensor (checked finite).
         grad_theta: ``grad_theta g`` (a tree shaped like ``params``), without autograd history.
         n_hvp: number of Hessian-vector products evaluated so far.
-        problem, params, hparams, batch, mode, reduce: what it was built from (read-only).
+        problem, params, hparams, batch, mode, reduce, mixed_mode, fd_radius: what it was built from
+            (read-only; ``mode`` is the HVP mode).
 
     It is everything an AID hypergradient needs of ``g``: ``solver.hypergrad_at(lin, outer_batch)``
     takes the point, the products and ``reduce`` from it. One linearisation can serve both an inner
@@ -126,9 +167,18 @@ class Linearization:
         batch: Any,
         mode: HVPMode = "autograd",
         reduce: Reduce | None = None,
+        mixed: MixedMode = "autograd",
+        fd_radius: float = 1e-2,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES}")
+        if mixed not in MIXED_MODES:
+            raise ValueError(f"unknown mixed-product mode {mixed!r}; choose one of {MIXED_MODES}")
+        if isinstance(fd_radius, bool) or not isinstance(fd_radius, (int, float)) or not 0 < fd_radius < math.inf:
+            raise ValueError(f"fd_radius must be a finite number > 0, got {fd_radius!r}")
+        self.mixed_mode: MixedMode = mixed
+        self.fd_radius = float(fd_radius)
+        self._grad_phi0: Tree | None = None
         g = problem.objective("inner", "grad/Hessian of g")
         self._problem, self._params, self._hparams, self._batch, self._g = problem, params, hparams, batch, g
         self.mode: HVPMode = mode
@@ -141,16 +191,23 @@ class Linearization:
             self._build(g, params, hparams, batch, mode)
 
     def _build(self, g: Objective, params: Tree, hparams: Tree, batch: Any, mode: HVPMode) -> None:
-        if mode == "autograd":
+        if mode == "autograd" or (mode == "fd" and self.mixed_mode == "autograd"):
             with torch.enable_grad():
                 self._th, self._ph = leaves(params), leaves(hparams)
                 value = g(self._th, self._ph, batch)
                 check_finite(value.detach(), "inner", "grad/Hessian of g")
                 g_theta = grad_tree(value, self._th, create_graph=True)
+                if self.mixed_mode == "fd-onesided":  # grad_phi g(theta) from the same graph
+                    self._grad_phi0 = grad_tree(value, self._ph, retain_graph=True)
             self.value = value.detach()
             self.grad_theta = {k: v.detach() for k, v in g_theta.items()}
             # only the entries of grad_theta g that depend on (theta, phi) carry a graph
             self._graph = {k: v for k, v in g_theta.items() if v.requires_grad}
+            return
+        if mode == "fd":  # first order: grad_theta g (and grad_phi g for fd-onesided), no graph kept
+            value, self.grad_theta, grad_phi = _first_order(g, params, hparams, batch)
+            self.value = value
+            self._grad_phi0 = grad_phi if self.mixed_mode == "fd-onesided" else None
             return
         grad_g = grad_and_value(g, argnums=0)
         if mode == "rev-rev":
@@ -160,6 +217,8 @@ class Linearization:
         else:
             self.grad_theta, self.value = grad_g(params, hparams, batch)
         check_finite(self.value, "inner", "grad/Hessian of g")
+        if self.mixed_mode == "fd-onesided":
+            self._grad_phi0 = _first_order(g, params, hparams, batch)[2]
 
     @property
     def problem(self) -> BilevelProblem:
@@ -191,6 +250,8 @@ class Linearization:
     def hvp(self, p: Tree) -> Tree:
         """``H p`` with ``H`` the Hessian of ``g`` in ``params`` (shape of ``params``)."""
         self.n_hvp += 1
+        if self.mode == "fd":
+            return self._reduce(self._difference(p, lambda t: _first_order(self._g, t, self._hparams, self._batch)[1]))
         if self.mode == "autograd":
             return self._reduce(self._backward(p, self._th))
         if self.mode == "rev-rev":
@@ -200,13 +261,36 @@ class Linearization:
 
     def mixed(self, v: Tree) -> Tree:
         """``J v = grad_phi < grad_theta g(theta, phi), v >`` (shape of ``hparams``; zeros where
-        a hparam does not reach ``grad_theta g``)."""
-        if self.mode == "autograd":
+        a hparam does not reach ``grad_theta g``), by the ``mixed_mode``."""
+        g, h, b = self._g, self._hparams, self._batch
+        if self.mixed_mode == "jvp":
+            with _composite_layer_norm():
+                return self._reduce(grad(lambda hp: jvp(lambda t: g(t, hp, b), (self._params,), (v,))[1])(h))
+        if self.mixed_mode == "fd":
+            return self._reduce(self._difference(v, lambda t: _first_order(g, t, h, b)[2]))
+        if self.mixed_mode == "fd-onesided":
+            assert self._grad_phi0 is not None
+            return self._reduce(self._difference(v, lambda t: _first_order(g, t, h, b)[2], self._grad_phi0))
+        if self.mode == "autograd" or self.mode == "fd":
             return self._reduce(self._backward(v, self._ph))
         if self.mode == "rev-rev":
             return self._reduce(self._vjp(v)[1])
         g, t, b = self._g, self._params, self._batch
         return self._reduce(vjp(lambda h: grad(g)(t, h, b), self._hparams)[1](v)[0])
+
+    def _difference(self, d: Tree, grad_at: Callable[[Tree], Tree], at_theta: Tree | None = None) -> Tree:
+        """``(G(theta + e d) - G(theta - e d)) / (2 e)``, or ``(G(theta + e d) - at_theta) / e`` when
+        ``at_theta = G(theta)`` is given, with ``e = fd_radius / ||d||`` (zeros for ``d = 0``)."""
+        norm = float(tree_norm(d))
+        if norm == 0.0:
+            ref = at_theta if at_theta is not None else grad_at(self._params)
+            return {k: torch.zeros_like(x) for k, x in ref.items()}
+        e = self.fd_radius / norm
+        plus = grad_at(tree_add(self._params, d, e))
+        if at_theta is not None:
+            return {k: (plus[k] - at_theta[k]) / e for k in plus}
+        minus = grad_at(tree_add(self._params, d, -e))
+        return {k: (plus[k] - minus[k]) / (2 * e) for k in plus}
 
     def _backward(self, cotangent: Tree, inputs: dict[str, Tensor]) -> Tree:
         """``d/d inputs < grad_theta g, cotangent >`` through the retained first-order graph."""
@@ -217,6 +301,41 @@ class Linearization:
             return grad_tree(
                 [self._graph[k] for k in keys], inputs, grad_outputs=[cotangent[k] for k in keys], retain_graph=True
             )
+
+
+def _layer_norm(
+    input: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """``layer_norm`` by its composite formula (forward-mode derivatives that reverse mode can differentiate)."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = input.mean(dim=dims, keepdim=True)
+    var = ((input - mean) ** 2).mean(dim=dims, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    return out + bias if bias is not None else out
+
+
+@contextmanager
+def _composite_layer_norm() -> Iterator[None]:
+    """``torch.nn.functional.layer_norm`` (which ``nn.LayerNorm`` calls) replaced by :func:`_layer_norm` in the
+    block (see the ``"jvp"`` mixed mode; not thread-safe)."""
+    original = torch.nn.functional.layer_norm
+    torch.nn.functional.layer_norm = _layer_norm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.nn.functional.layer_norm = original
+
+
+def _first_order(g: Objective, params: Tree, hparams: Tree, batch: Any) -> tuple[Tensor, Tree, Tree]:
+    """``(g, grad_theta g, grad_phi g)`` by one forward and one first-order backward pass (no graph kept)."""
+    with torch.enable_grad():
+        th, ph = leaves(params), leaves(hparams)
+        value = g(th, ph, batch)
+        check_finite(value.detach(), "inner", "first-order gradient of g (finite differences)")
+        out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
+    return value.detach(), dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
 
 
 def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree], Tree]:
@@ -235,6 +354,7 @@ def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree]
         except StopIteration:
             raise ValueError(f"the HVP batches ran out after {drawn} product(s); pass an endless stream") from None
         drawn += 1
-        return Linearization(lin.problem, lin.params, lin.hparams, batch, lin.mode, lin.reduce).hvp(p)
+        # only its HVP is used: "jvp" (not "autograd") so that an "fd" HVP builds no graph
+        return Linearization(lin.problem, lin.params, lin.hparams, batch, lin.mode, lin.reduce, "jvp").hvp(p)
 
     return matvec

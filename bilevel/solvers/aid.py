@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from .._checks import check_choice
+from .._checks import check_choice, check_positive
 from .._tree import Tree, tree_sub
 from ..linalg import LinearSolve, MatVec
-from ..products import HVP_MODES, HVPMode, Linearization, outer_gradients
+from ..problem import BilevelProblem
+from ..products import HVP_MODES, MIXED_MODES, HVPMode, Linearization, MixedMode, Reduce, outer_gradients
 from .base import Call, HypergradInfo, Solver
 
 __all__ = ["AID", "AIDSolver"]
@@ -34,10 +35,21 @@ class AIDSolver(Solver):
     """
 
     hvp: HVPMode
+    mixed: MixedMode
+    fd_radius: float
 
     def __post_init__(self) -> None:
         check_choice("hvp", self.hvp, HVP_MODES)
+        check_choice("mixed", self.mixed, MIXED_MODES)
+        check_positive("fd_radius", self.fd_radius)
         self.linear_solve()  # the factory validates the solve's options
+
+    def linearize(
+        self, problem: BilevelProblem, params: Tree, hparams: Tree, batch: Any, reduce: Reduce | None = None
+    ) -> Linearization:
+        """``g`` linearised at ``(params, hparams)`` on ``batch`` with this solver's product modes, e.g.
+        for a training loop's inner step whose linearisation then serves :meth:`hypergrad_at`."""
+        return Linearization(problem, params, hparams, batch, self.hvp, reduce, self.mixed, self.fd_radius)
 
     @abstractmethod
     def linear_solve(self) -> LinearSolve:
@@ -51,7 +63,7 @@ class AIDSolver(Solver):
         with call.stage("grad_outer"):
             outer = outer_gradients(problem, params, hparams, outer_batch, call.reduce, self.hvp)
         with call.stage("linearize"):
-            lin = Linearization(problem, params, hparams, inner_batch, self.hvp, call.reduce)
+            lin = self.linearize(problem, params, hparams, inner_batch, call.reduce)
         return self._implicit(lin, outer, call)
 
     def _implicit(self, lin: Linearization, outer: tuple[Any, Tree, Tree], call: Call) -> Tree:
@@ -125,7 +137,9 @@ class AID(AIDSolver):
 
     Args:
         solve: a linear solve ``(matvec, b) -> (v, SolveResult)``, e.g. ``bilevel.linalg.cg(iters=10)``.
-        hvp: how products are taken: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"``.
+        hvp: how ``H p`` is taken: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"``.
+        mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"``, ``"fd-onesided"``.
+        fd_radius: the finite differences' radius ``r`` (step ``e = r / ||v||``).
 
     Examples:
         >>> import bilevel as bl
@@ -141,6 +155,8 @@ class AID(AIDSolver):
 
     solve: LinearSolve
     hvp: HVPMode = "autograd"
+    mixed: MixedMode = "autograd"
+    fd_radius: float = 1e-2
 
     name = "aid"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..linalg import LinearSolve, SolvePolicy, cg
-from ..products import HVPMode
+from ..products import HVPMode, MixedMode
 from .aid import AIDSolver
 
 
@@ -23,8 +23,10 @@ class AIDCG(AIDSolver):
         on_negative_curvature: policy when ``p^T H p <= 0`` is met: ``"warn"`` (default: warn,
             stop CG, use the iterate so far), ``"raise"`` (:class:`~bilevel.NegativeCurvatureError`)
             or ``"ignore"`` (stop silently; ``info.negative_curvature`` is set in every case).
-        hvp: how products are taken: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"``
+        hvp: how ``H p`` is taken: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"``
             (see :mod:`bilevel.products`).
+        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
+            the finite differences' radius (see :mod:`bilevel.products`).
 
     Examples:
         >>> import torch
@@ -45,6 +47,8 @@ class AIDCG(AIDSolver):
     tol: float = 1e-10
     on_negative_curvature: SolvePolicy = "warn"
     hvp: HVPMode = "autograd"
+    mixed: MixedMode = "autograd"
+    fd_radius: float = 1e-2
 
     name = "aid-cg"
 

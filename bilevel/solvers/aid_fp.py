@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..linalg import LinearSolve, SolvePolicy, neumann
-from ..products import HVPMode
+from ..products import HVPMode, MixedMode
 from .aid import AIDSolver
 
 
@@ -28,8 +28,10 @@ class AIDFP(AIDSolver):
             grows past ``divergence_factor * ||grad_theta f||`` or is non-finite, ``"warn"`` or
             ``"ignore"`` (stop summing there; ``info.diverged`` is set).
         divergence_factor: growth that counts as divergence.
-        hvp: how products are taken: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"``
+        hvp: how ``H p`` is taken: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"``
             (see :mod:`bilevel.products`).
+        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
+            the finite differences' radius (see :mod:`bilevel.products`).
 
     Examples:
         >>> import torch
@@ -54,6 +56,8 @@ class AIDFP(AIDSolver):
     on_divergence: SolvePolicy = "raise"
     divergence_factor: float = 10.0
     hvp: HVPMode = "autograd"
+    mixed: MixedMode = "autograd"
+    fd_radius: float = 1e-2
 
     name = "aid-fp"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..linalg import LinearSolve, identity
-from ..products import HVPMode
+from ..products import HVPMode, MixedMode
 from .aid import AIDSolver
 
 
@@ -23,6 +23,9 @@ class AIDFPLite(AIDSolver):
     Args:
         scale: the multiple of the identity that replaces ``H^{-1}``.
         hvp: HVP mode of the linearisation (only the mixed product is used here).
+        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
+            the finite differences' radius (see :mod:`bilevel.products`). With ``hvp="fd"`` and a
+            first-order ``mixed``, no second-order graph is built.
 
     Examples:
         >>> import torch
@@ -45,6 +48,8 @@ class AIDFPLite(AIDSolver):
 
     scale: float = 1.0
     hvp: HVPMode = "autograd"
+    mixed: MixedMode = "autograd"
+    fd_radius: float = 1e-2
 
     name = "aid-fp-lite"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..linalg import LinearSolve, MatVec, SolvePolicy, neumann
-from ..products import HVPMode, Linearization, resampled_hvp
+from ..products import HVPMode, Linearization, MixedMode, resampled_hvp
 from .aid import AIDSolver
 from .base import Call
 
@@ -29,7 +29,9 @@ class StocBiO(AIDSolver):
         alpha: step of the series; must be below ``2/L`` (``L`` the largest eigenvalue of ``H``).
         on_divergence: ``"raise"`` (default), ``"warn"`` or ``"ignore"``, as in :class:`~bilevel.AIDFP`.
         divergence_factor: growth of a term (relative to ``||grad_theta f||``) that counts as divergence.
-        hvp: ``"autograd"`` (default), ``"rev-rev"`` or ``"fwd-rev"`` (see :mod:`bilevel.products`).
+        hvp: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"`` (see :mod:`bilevel.products`).
+        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
+            the finite differences' radius (see :mod:`bilevel.products`).
         batches: an iterable of inner batches (e.g. a ``DataLoader``), re-iterated when exhausted,
             or an iterator (an error is raised when it runs out). May be assigned later
             (``solver.batches = loader``). A call's ``hvp_batches=`` (an iterator, e.g. the training
@@ -58,6 +60,8 @@ class StocBiO(AIDSolver):
     divergence_factor: float = 10.0
     hvp: HVPMode = "autograd"
     batches: Iterable[Any] | None = field(default=None, repr=False)
+    mixed: MixedMode = "autograd"
+    fd_radius: float = 1e-2
 
     name = "stocbio"
     draws_hvp_batches: ClassVar[bool] = True

@@ -329,9 +329,8 @@ class BilevelTrainer:
         """``g`` linearised at the current ``(theta, phi)`` for ``share_linearization``; None when ``g``
         is non-finite under ``on_nonfinite="skip"`` (the step's inner update is then skipped)."""
         assert self.problem is not None and self.solver is not None
-        mode = getattr(self.solver, "hvp", "autograd")
         try:
-            return Linearization(self.problem, self.params, self.hparams, batch, mode, self.reduce)
+            return self.solver.linearize(self.problem, self.params, self.hparams, batch, self.reduce)  # type: ignore[attr-defined]
         except FloatingPointError as exc:
             if self.config.on_nonfinite == "raise":
                 raise self._fail(snap, f"step {self.step_count + 1}: {exc} (inner level)", "inner", None) from exc
