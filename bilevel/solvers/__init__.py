@@ -56,7 +56,7 @@ def get_solver(name: str, **options: Any) -> Solver:
     Examples:
         >>> import bilevel as bl
         >>> bl.get_solver("aid-cg", iters=20, tol=1e-10)
-        AIDCG(iters=20, tol=1e-10, on_negative_curvature='warn', hvp='autograd')
+        AIDCG(iters=20, tol=1e-10, on_negative_curvature='warn', hvp='autograd', mixed='autograd', fd_radius=0.01)
         >>> sorted(bl.SOLVERS)
         ['aid-cg', 'aid-fp', 'aid-fp-lite', 'itd', 'stocbio']
         >>> bl.get_solver("aid-cg", steps=5)  # doctest: +ELLIPSIS

@@ -25,8 +25,9 @@ class AIDCG(AIDSolver):
             or ``"ignore"`` (stop silently; ``info.negative_curvature`` is set in every case).
         hvp: how ``H p`` is taken: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"``
             (see :mod:`bilevel.products`).
-        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
-            the finite differences' radius (see :mod:`bilevel.products`).
+        mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
+            (see :mod:`bilevel.products`).
+        fd_radius: the finite differences' radius ``r`` (step ``r / ||v||``).
 
     Examples:
         >>> import torch

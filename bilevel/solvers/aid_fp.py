@@ -30,8 +30,9 @@ class AIDFP(AIDSolver):
         divergence_factor: growth that counts as divergence.
         hvp: how ``H p`` is taken: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"``
             (see :mod:`bilevel.products`).
-        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
-            the finite differences' radius (see :mod:`bilevel.products`).
+        mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
+            (see :mod:`bilevel.products`).
+        fd_radius: the finite differences' radius ``r`` (step ``r / ||v||``).
 
     Examples:
         >>> import torch

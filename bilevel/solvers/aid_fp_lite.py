@@ -23,8 +23,9 @@ class AIDFPLite(AIDSolver):
     Args:
         scale: the multiple of the identity that replaces ``H^{-1}``.
         hvp: HVP mode of the linearisation (only the mixed product is used here).
-        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
-            the finite differences' radius (see :mod:`bilevel.products`). With ``hvp="fd"`` and a
+        mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
+            (see :mod:`bilevel.products`).
+        fd_radius: the finite differences' radius ``r`` (step ``r / ||v||``). With ``hvp="fd"`` and a
             first-order ``mixed``, no second-order graph is built.
 
     Examples:

@@ -30,8 +30,9 @@ class StocBiO(AIDSolver):
         on_divergence: ``"raise"`` (default), ``"warn"`` or ``"ignore"``, as in :class:`~bilevel.AIDFP`.
         divergence_factor: growth of a term (relative to ``||grad_theta f||``) that counts as divergence.
         hvp: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"`` (see :mod:`bilevel.products`).
-        mixed, fd_radius: how ``J v`` is taken (``"autograd"``, ``"jvp"``, ``"fd"``, ``"fd-onesided"``) and
-            the finite differences' radius (see :mod:`bilevel.products`).
+        mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
+            (see :mod:`bilevel.products`).
+        fd_radius: the finite differences' radius ``r`` (step ``r / ||v||``).
         batches: an iterable of inner batches (e.g. a ``DataLoader``), re-iterated when exhausted,
             or an iterator (an error is raised when it runs out). May be assigned later
             (``solver.batches = loader``). A call's ``hvp_batches=`` (an iterator, e.g. the training
