@@ -1,4 +1,4 @@
-"""MOSI sentiment pieces of the MELTR example: the pickle loader, the metrics (vs scikit-learn / scipy), the head."""
+"""MOSI sentiment (examples/meltr_sentiment): the pickle loader, the metrics (vs scikit-learn / scipy), the head."""
 
 from __future__ import annotations
 
@@ -20,19 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error
 
+from examples.meltr_sentiment.data import MODALITIES, SPLITS, collate_mosi, load_mosi, make_synthetic_mosi
+from examples.meltr_sentiment.metrics import SentimentMetricWarning, sentiment_metrics
+from examples.meltr_sentiment.model import SentimentRegressor, evaluate
+from examples.meltr_sentiment.run import main
 from examples.meltr_video.data import UnsafePickleError, safe_load_pickle
-from examples.meltr_video.sentiment import (
-    MODALITIES,
-    SPLITS,
-    SentimentMetricWarning,
-    SentimentRegressor,
-    collate_mosi,
-    evaluate,
-    load_mosi,
-    main,
-    make_synthetic_mosi,
-    sentiment_metrics,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +197,7 @@ def test_nonfinite_features_replaced_and_counted(tmp_path, caplog):
     raw["valid"]["vision"][2, 5, 1] = np.nan
     raw["valid"]["text"][3, 5, 7] = np.inf
     path = dump(raw, tmp_path / "inf.pkl")
-    with caplog.at_level(logging.WARNING, logger="examples.meltr_video.sentiment"):
+    with caplog.at_level(logging.WARNING, logger="examples.meltr_sentiment.data"):
         splits = load_mosi(path)
     assert splits.nonfinite == {
         "train": {"text": 0, "vision": 0, "audio": 2},
@@ -424,7 +416,7 @@ def test_cli_rejects_bad_arguments(capsys):
 def test_demo_cli_module_entry_point_learns():
     """``python -m ... --demo`` with its defaults: it runs, and beats predicting the train median on test."""
     proc = subprocess.run(
-        [sys.executable, "-m", "examples.meltr_video.sentiment", "--demo", "--no-progress"],
+        [sys.executable, "-m", "examples.meltr_sentiment.run", "--demo", "--no-progress"],
         cwd=ROOT,
         capture_output=True,
         text=True,
