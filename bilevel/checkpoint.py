@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -97,15 +98,17 @@ def load_checkpoint(
         expect_format: when given, the loaded dict must carry ``state["format"] == expect_format``.
 
     Raises:
-        CheckpointError: naming ``path``, when the file is missing, empty, truncated, not a torch
-            file, holds objects that ``weights_only`` refuses (a foreign pickle), is not a dict, or
-            has another format marker.
+        CheckpointError: naming ``path``, when the file is missing, empty, truncated, fails the
+            zip archive's CRC-32 check (a bit flipped after writing), is not a torch file, holds
+            objects that ``weights_only`` refuses (a foreign pickle), is not a dict, or has another
+            format marker.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes)")
+    _check_integrity(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zipfile / pickle / unpickler errors differ between torch versions
@@ -120,6 +123,24 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} is not a {expect_format!r} checkpoint (format marker: {state.get('format')!r})"
         )
     return state
+
+
+def _check_integrity(path: Path) -> None:
+    """Refuse a torch zip file whose members fail their CRC-32 (``torch.load`` does not check it: a flipped
+    bit inside a tensor would load as a wrong number). Files that are not zip archives are left to
+    ``torch.load`` (legacy format; it refuses what it cannot read)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a corrupt zip archive ({exc})") from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt: member {bad!r} fails its CRC-32 check (the file was altered "
+            "after it was written); it was not loaded"
+        )
 
 
 def rng_state() -> dict[str, Any]:

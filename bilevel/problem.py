@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._tree import Tree
 
-__all__ = ["BilevelProblem", "Objective", "check_trees"]
+__all__ = ["BilevelProblem", "Objective", "check_differentiable", "check_finite", "check_trees"]
 
 Objective = Callable[[Tree, Tree, Any], Tensor]
 
@@ -92,6 +92,16 @@ def check_finite(value: Tensor, level: str, stage: str) -> None:
     """Raise ``FloatingPointError`` if ``value`` is not finite, naming the function and stage."""
     if not bool(torch.isfinite(value).all()):
         raise FloatingPointError(f"{_NAMES[level]} is non-finite ({float(value)}) at stage: {stage}")
+
+
+def check_differentiable(value: Tensor, level: str, stage: str) -> None:
+    """Raise ``ValueError`` when ``value`` carries no autograd graph: the objective does not depend on
+    ``params`` or ``hparams`` (a constant, or a result that went through ``.item()`` / ``.detach()``)."""
+    if not value.requires_grad:
+        raise ValueError(
+            f"{_NAMES[level]} does not depend on params or hparams (its value has no autograd graph; stage: "
+            f"{stage}): it returned a constant, or a result computed through .item(), .detach() or numpy"
+        )
 
 
 def check_trees(params: Tree, hparams: Tree) -> tuple[torch.dtype, torch.device]:

@@ -70,7 +70,7 @@ from torch.func import grad, grad_and_value, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._tree import Tree, tree_add, tree_norm
-from .problem import BilevelProblem, Objective, check_finite
+from .problem import BilevelProblem, Objective, check_differentiable, check_finite
 
 __all__ = [
     "HVPMode",
@@ -129,6 +129,7 @@ def outer_gradients(
             th, ph = leaves(params), leaves(hparams)
             value = f(th, ph, batch)
             check_finite(value.detach(), "outer", "grad of f")
+            check_differentiable(value, "outer", "grad of f")
             out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
         g_theta, g_phi = dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
         value = value.detach()
@@ -196,6 +197,7 @@ class Linearization:
                 self._th, self._ph = leaves(params), leaves(hparams)
                 value = g(self._th, self._ph, batch)
                 check_finite(value.detach(), "inner", "grad/Hessian of g")
+                check_differentiable(value, "inner", "grad/Hessian of g")
                 g_theta = grad_tree(value, self._th, create_graph=True)
                 if self.mixed_mode == "fd-onesided":  # grad_phi g(theta) from the same graph
                     self._grad_phi0 = grad_tree(value, self._ph, retain_graph=True)
@@ -334,6 +336,7 @@ def _first_order(g: Objective, params: Tree, hparams: Tree, batch: Any) -> tuple
         th, ph = leaves(params), leaves(hparams)
         value = g(th, ph, batch)
         check_finite(value.detach(), "inner", "first-order gradient of g (finite differences)")
+        check_differentiable(value, "inner", "first-order gradient of g (finite differences)")
         out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
     return value.detach(), dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
 

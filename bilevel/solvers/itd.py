@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_choice, check_int, check_positive, check_unit_interval
 from .._tree import Tree
-from ..problem import check_finite
+from ..problem import check_differentiable, check_finite
 from ..products import grad_tree, leaves
 from .base import Solver
 
@@ -100,6 +100,7 @@ class ITD(Solver):
             for t in range(self.steps):
                 g_val = g(theta, phi, inner_batch)
                 check_finite(g_val.detach(), "inner", f"unrolled step {t} of ITD")
+                check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
                 values.append(g_val.detach())
                 g_theta = grad_tree(g_val, theta, create_graph=True)
                 if reduce is not None:

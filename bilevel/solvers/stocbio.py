@@ -67,6 +67,10 @@ class StocBiO(AIDSolver):
     name = "stocbio"
     draws_hvp_batches: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_batches(self.batches)
+
     def linear_solve(self) -> LinearSolve:
         return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor)
 
@@ -79,9 +83,15 @@ class StocBiO(AIDSolver):
         source = self.batches
         if source is None:
             return None
+        _check_batches(source)
         if getattr(self, "_cycle_of", None) is not source:
             self._cycle, self._cycle_of = _cycle(source), source
         return self._cycle
+
+
+def _check_batches(batches: Any) -> None:
+    if batches is not None and not isinstance(batches, Iterable):
+        raise TypeError(f"StocBiO.batches must be an iterable of inner batches (e.g. a DataLoader), got {batches!r}")
 
 
 def _cycle(source: Iterable[Any]) -> Iterator[Any]:

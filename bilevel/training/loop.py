@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import distributed as bdist
 from .._tree import Tree, all_finite
 from ..checkpoint import FORMAT, load_checkpoint, save_checkpoint, set_rng_state
-from ..problem import BilevelProblem, Objective
+from ..problem import BilevelProblem, Objective, check_differentiable
 from ..products import Linearization, Reduce
 from ..solvers import HypergradInfo, Solver
 from . import state as _state
@@ -286,6 +286,7 @@ class BilevelTrainer:
             value, grads = float(lin.value), [lin.grad_theta[n] for n in self._names]
         else:
             loss = self._g(dict(zip(self._names, self._params, strict=True)), self.hparams, batch)
+            check_differentiable(loss, "inner", "inner update")
             value = float(loss.detach())
             if not math.isfinite(value) and cfg.on_nonfinite == "raise":
                 raise self._fail(
@@ -428,8 +429,9 @@ class BilevelTrainer:
         Returns:
             the metrics of the last step (empty when no step ran).
         """
-        if self.solver is not None and outer_loader is None:
-            raise ValueError("fit with a solver needs an outer_loader (meta batches)")
+        _check_fit_args(
+            self.solver, outer_loader, epochs, max_steps, checkpoint_path, checkpoint_every, resume, log_every
+        )
         if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
             self.load_checkpoint(checkpoint_path)
         main = not self.distributed or bdist.rank() == 0
@@ -512,6 +514,24 @@ class BilevelTrainer:
                 cb.on_epoch_end(self, self.epoch)
             self.epoch += 1
         return last
+
+
+def _check_fit_args(
+    solver, outer_loader, epochs, max_steps, checkpoint_path, checkpoint_every, resume, log_every
+) -> None:
+    """``fit``'s arguments, checked before any step."""
+    if solver is not None and outer_loader is None:
+        raise ValueError("fit with a solver needs an outer_loader (meta batches)")
+    for name, value, minimum in (("epochs", epochs, 0), ("log_every", log_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"fit: {name} must be an int >= {minimum}, got {value!r}")
+    for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"fit: {name} must be None or an int >= 1, got {value!r}")
+    if resume and checkpoint_path is None:
+        raise ValueError("fit: resume=True needs a checkpoint_path to resume from")
+    if checkpoint_path is not None and Path(checkpoint_path).is_dir():
+        raise ValueError(f"fit: checkpoint_path {str(checkpoint_path)!r} is a directory; give a file path")
 
 
 def _check_args(model, optimizer, inner, outer, meta_model, meta_optimizer, solver, config) -> None:

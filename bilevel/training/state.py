@@ -86,8 +86,36 @@ def state(tr: BilevelTrainer) -> dict[str, Any]:
     }
 
 
+KEYS = (
+    "counters", "model", "optimizer", "scheduler", "meta_model", "meta_optimizer", "meta_scheduler",
+    "accumulated", "ranks",
+)  # fmt: skip
+
+
 def load_state(tr: BilevelTrainer, st: dict[str, Any]) -> None:
-    """Restore :func:`state`; data positions are kept in ``tr._pending`` for the next ``fit``."""
+    """Restore :func:`state`; data positions are kept in ``tr._pending`` for the next ``fit``.
+
+    All or nothing: a state with missing keys is refused before anything is touched, and when any part
+    fails to load (e.g. an SGD optimizer state into an Adam optimizer) everything loaded so far is put
+    back as it was before the call, then ``ValueError`` names the part."""
+    missing = [k for k in KEYS if k not in st]
+    if missing:
+        raise ValueError(f"the checkpoint state lacks {missing}: it was not written by BilevelTrainer.state_dict")
+    # a copy (load_state_dict writes into the live tensors); the all-gather of state() is collective: skipped
+    before = clone_tree(state(tr)) if not tr.distributed else None
+    pending = tr._pending
+    try:
+        _load(tr, st)
+    except Exception as exc:
+        if before is not None:
+            _load(tr, before)
+            tr._pending = pending
+        raise ValueError(
+            f"the checkpoint does not fit this trainer ({type(exc).__name__}: {exc}); nothing was changed"
+        ) from exc
+
+
+def _load(tr: BilevelTrainer, st: dict[str, Any]) -> None:
     world = bdist.world_size() if tr.distributed else 1
     if st.get("world_size", 1) != world:
         raise ValueError(f"checkpoint was written by {st.get('world_size')} rank(s); this run has {world}")

@@ -178,3 +178,52 @@ def test_restart_streams_drops_restored_positions(tmp_path):
     assert trainer._pending["cursors"] == {}
     with pytest.raises(ValueError, match="unknown stream"):
         trainer.restart_streams("meta")
+
+
+def test_a_bit_flipped_checkpoint_is_refused(tmp_path):
+    import zipfile
+
+    path = save_checkpoint({"w": torch.ones(64)}, tmp_path / "c.pt")
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename)
+    raw = bytearray(path.read_bytes())
+    h = info.header_offset  # the local header: 30 bytes, then the name and the extra field (torch's alignment)
+    name_len, extra_len = int.from_bytes(raw[h + 26 : h + 28], "little"), int.from_bytes(raw[h + 28 : h + 30], "little")
+    raw[h + 30 + name_len + extra_len + 5] ^= 0x10  # one bit of the tensor data
+    path.write_bytes(bytes(raw))
+    assert torch.load(path, weights_only=True)["w"][1] != 1  # torch itself loads the altered value
+    with pytest.raises(CheckpointError, match=r"c\.pt.*fails its CRC-32 check"):
+        load_checkpoint(path)
+
+
+def test_a_failed_load_changes_nothing(tmp_path):
+    mod = _load_script()
+    a, inner, outer = mod.build()
+    a.fit(inner, outer, max_steps=2, progress=False, checkpoint_path=tmp_path / "c.pt")
+    b, _, _ = mod.build()
+    b.fit(inner, outer, max_steps=1, progress=False)
+    weights = {k: v.clone() for k, v in b.model.state_dict().items()}
+    counters = b._counters()
+    state = load_checkpoint(tmp_path / "c.pt")
+    state["optimizer"] = torch.optim.SGD(b.model.parameters(), lr=0.1).state_dict()  # another optimizer's state
+    state["optimizer"]["state"] = {0: {"momentum_buffer": None}}
+    with pytest.raises(ValueError, match="nothing was changed"):
+        b.load_state_dict(state)
+    assert all(torch.equal(weights[k], v) for k, v in b.model.state_dict().items()) and b._counters() == counters
+    with pytest.raises(ValueError, match=r"lacks \['scheduler'"):
+        b.load_state_dict({k: v for k, v in state.items() if k != "scheduler"})
+
+
+def test_fit_arguments_are_checked_before_any_step(tmp_path):
+    mod = _load_script()
+    a, inner, outer = mod.build()
+    for kwargs, msg in (
+        ({"epochs": -1}, "epochs must be an int >= 0"),
+        ({"max_steps": -3}, "max_steps must be None or an int >= 1"),
+        ({"log_every": 0}, "log_every must be an int >= 1"),
+        ({"resume": True}, "resume=True needs a checkpoint_path"),
+        ({"checkpoint_path": tmp_path}, "is a directory"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            a.fit(inner, outer, progress=False, **kwargs)
+    assert a.step_count == 0

@@ -185,3 +185,28 @@ def test_stocbio_exhausted_iterator():
         s.hypergrad(prob, P, H, None, None)
     with pytest.raises(ValueError, match="empty"):
         bl.StocBiO(iters=3, alpha=0.1, batches=[]).hypergrad(prob, P, H, None, None)
+
+
+def test_an_objective_without_a_graph_is_named():
+    import bilevel as bl
+    from bilevel.testing import ridge_synthetic
+
+    ref = ridge_synthetic(d=5)
+    hp = ref.hparams(-1.0)
+    sol = ref.solution(hp)
+    const = lambda p, h, b: torch.tensor(1.0, dtype=torch.float64)  # noqa: E731
+    through_item = lambda p, h, b: torch.tensor(float(ref.outer(p, h, b).item()), dtype=torch.float64)  # noqa: E731
+    for solver in (bl.AIDCG(iters=3), bl.AIDFPLite(), bl.ITD(steps=2), bl.AIDCG(hvp="fd", mixed="fd")):
+        with pytest.raises(ValueError, match="inner objective g does not depend on params or hparams"):
+            solver.hypergrad(bl.BilevelProblem(const, ref.outer), sol, hp, ref.inner_batch, ref.outer_batch)
+    with pytest.raises(ValueError, match=r"outer objective f does not depend on params or hparams.*\.item\(\)"):
+        bl.AIDCG(iters=3).hypergrad(
+            bl.BilevelProblem(ref.inner, through_item), sol, hp, ref.inner_batch, ref.outer_batch
+        )
+
+
+def test_stocbio_batches_must_be_iterable():
+    import bilevel as bl
+
+    with pytest.raises(TypeError, match=r"StocBiO\.batches must be an iterable of inner batches"):
+        bl.get_solver("stocbio", batches=5)
