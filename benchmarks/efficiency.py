@@ -26,8 +26,9 @@ seed has the same backbone initialisation and training-data order), mean ± std,
 
 Default: 2 seeds x 4 epochs at backbone learning rate 1e-3 (~13 min on 2 cores, see :data:`DEFAULT`);
 ``--full``: 5 seeds x 40 epochs (the testbed's budget; hours). Writes the ``table8`` section of
-docs/results.md and docs/img/table8_r1_vs_overhead.png (``--no-write`` to skip; ``--tiny`` never
-writes); hand-written text after a ``<!-- notes -->`` line in that section survives a re-run.
+docs/results.md and docs/img/table8_r1_vs_overhead.png only with ``--write`` (the README's main command,
+``scripts/main.sh``, passes it; ``--tiny`` never writes); hand-written text after a ``<!-- notes -->``
+line in that section survives a re-run.
 ``--profile`` prints torch.profiler tables of one step per row instead.
 
 Real data (``--data msrvtt``): the MSRVTT files as UniVL distributes them (read by
@@ -442,7 +443,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     p.add_argument("--results", default=None, help="markdown file to update (default docs/results.md)")
     p.add_argument("--out-json", default=None, help="also write all raw results here")
-    p.add_argument("--no-write", action="store_true", help="print only (no docs/results.md, no PNG)")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="update the table8 section of docs/results.md and its PNG (not with --tiny)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--peers",
@@ -463,6 +468,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--features / --train-csv / --json / --test-csv are for --data msrvtt")
     if not (a.lr > 0 and math.isfinite(a.lr)):
         p.error(f"--lr must be a finite number > 0, got {a.lr}")
+    for flag, value, minimum in (
+        ("--seeds", a.seeds, 1), ("--epochs", a.epochs, 1), ("--K", a.K, 1), ("--iters", a.iters, 0),
+        ("--threads", a.threads, 1), ("--train-size", a.train_size, 1), ("--meta-size", a.meta_size, 1),
+        ("--val-size", a.val_size, 1),
+    ):  # fmt: skip
+        if value is not None and value < minimum:
+            p.error(f"{flag} must be >= {minimum}, got {value}")
+    if a.write and a.tiny:
+        p.error("--tiny never writes docs/ (a smoke run's numbers are not results); drop --write")
     if a.eval_threads < 1:
         p.error("--eval-threads must be >= 1")
     try:
@@ -471,8 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(str(e))
     torch.set_num_threads(a.threads)
     mode = TINY if a.tiny else FULL if a.full else DEFAULT
-    seeds = a.seeds or mode["seeds"]
-    epochs = a.epochs or mode["epochs"]
+    seeds = a.seeds if a.seeds is not None else mode["seeds"]
+    epochs = a.epochs if a.epochs is not None else mode["epochs"]
     sizes = dict(TINY_SIZES if a.tiny else SIZES)
     for name, v in (("train", a.train_size), ("meta", a.meta_size), ("val", a.val_size)):
         if v is not None:
@@ -546,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cmd = "python -m benchmarks.efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(rows, cmd.strip(), meta)
     print(text)
-    if not (a.no_write or a.tiny):  # only an explicit full-size run writes docs/
+    if a.write:  # only an explicit, full-size run writes docs/
         write_section(Path(a.results) if a.results else ROOT / "docs" / "results.md", text + "\n\n" + _png_ref())
         plot(rows, ROOT / "docs" / "img" / "table8_r1_vs_overhead.png", a.data)
     if a.out_json:

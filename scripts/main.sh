@@ -5,4 +5,4 @@
 # MELTR with each solver, interleaved; writes the table8 section of docs/results.md and
 # docs/img/table8_r1_vs_overhead.png. Options: python -m benchmarks.efficiency --help
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
-exec python -m benchmarks.efficiency "$@"
+exec python -m benchmarks.efficiency --write "$@"

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small runs: one thread is 
 def test_tiny_table_has_all_rows(tmp_path):
     md = tmp_path / "results.md"
     md.write_text("# Results\n\n<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n")
-    res = efficiency.main(["--tiny", "--no-progress", "--results", str(md), "--no-write", "--peers", "none"])
+    res = efficiency.main(["--tiny", "--no-progress", "--results", str(md), "--peers", "none"])
     rows = res["rows"]
     shared = ["stocbio+shared", "aid-cg+shared", "aid-fp+shared", "aid-fp-lite+shared"]
     assert [r["key"] for r in rows] == ["mtl", "itd", *shared, "aid-fp-lite"]
@@ -189,7 +189,7 @@ def test_msrvtt_splits_errors(tmp_path):
 def test_msrvtt_route_runs_tiny(tmp_path):
     """``main --data msrvtt`` on the small files: every row runs, the meta / val sizes are videos."""
     feats, train, js, test = _msrvtt_files(tmp_path, n_train=16, captions=2)
-    argv = ["--tiny", "--no-progress", "--no-write", "--peers", "none", "--data", "msrvtt", "--features", feats]
+    argv = ["--tiny", "--no-progress", "--peers", "none", "--data", "msrvtt", "--features", feats]
     argv += ["--train-csv", train, "--json", js, "--test-csv", test, "--meta-size", "2", "--val-size", "4"]
     res = efficiency.main(argv)
     assert res["meta"]["sizes"] == {"train": 20, "meta": 4, "val": 8, "test": 4}
@@ -206,7 +206,7 @@ def test_peer_rows_in_the_same_loop(tmp_path):
     if have["torchopt"] is None or have["betty"] is None:
         pytest.skip("torchopt and betty-ml are not installed (scripts/install_peers.sh)")
     md = tmp_path / "results.md"
-    res = efficiency.main(["--tiny", "--no-progress", "--no-write", "--peers", "torchopt:cg,betty:neumann"])
+    res = efficiency.main(["--tiny", "--no-progress", "--peers", "torchopt:cg,betty:neumann"])
     rows = res["rows"]
     assert [r["key"] for r in rows][-2:] == ["torchopt:cg", "betty:neumann"]
     for r in rows[-2:]:
@@ -268,3 +268,18 @@ def test_peer_solver_matches_ours_on_meltr():
         make_solver("torchopt:cg", 3, 0.01)  # the examples do not import the benchmarks
     with pytest.raises(ValueError, match="no method"):
         parse_peer_solver("higher:cg", 3, 0.01)
+
+
+def test_bad_arguments_fail_before_any_work(capsys):
+    """Every argument is checked before the backbone is loaded: an argparse one-line error, exit code 2."""
+    for argv, msg in (
+        (["--K", "0"], "--K must be >= 1"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--seeds", "-2"], "--seeds must be >= 1"),
+        (["--iters", "-1"], "--iters must be >= 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--tiny", "--write"], "--tiny never writes docs/"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            efficiency.main([*argv, "--peers", "none"])
+        assert exc.value.code == 2 and msg in capsys.readouterr().err
