@@ -140,6 +140,7 @@ class BilevelTrainer:
         self._cursors: dict[str, Cursor] = {}  # data positions during fit: "inner", "outer", "hvp"
         self._pending: dict[str, Any] | None = None  # positions and RNG restored by load_state_dict
         self._hvp_stream: Stream | None = None  # fresh HVP batches during fit (solvers that draw them)
+        self.resumed_with_changes: list[str] = []  # configuration changes accepted by the last load
 
     # ------------------------------------------------------------------ state
     @property
@@ -172,9 +173,13 @@ class BilevelTrainer:
         pending accumulated gradient, and per rank the RNG states and data positions."""
         return _state.state(self)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Data positions are applied when :meth:`fit` next runs."""
-        _state.load_state(self, state)
+    def load_state_dict(self, state: dict[str, Any], allow_changes: bool = False) -> list[str]:
+        """Restore :meth:`state_dict`; data positions are applied when :meth:`fit` next runs. A state
+        written with another :class:`TrainerConfig` or solver is refused, naming every differing field,
+        unless ``allow_changes`` (the changes are then returned and kept in ``resumed_with_changes``).
+        A state that fails to load leaves the trainer as it was."""
+        self.resumed_with_changes = _state.load_state(self, state, allow_changes)
+        return self.resumed_with_changes
 
     def restart_streams(self, *names: str) -> None:
         """Let the next :meth:`fit` start the named data streams afresh instead of at the positions
@@ -201,9 +206,10 @@ class BilevelTrainer:
             torch.distributed.barrier()
         return Path(path)
 
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Load a file written by :meth:`save_checkpoint` (``weights_only=True``; every rank reads it)."""
-        self.load_state_dict(load_checkpoint(path, map_location="cpu", expect_format=FORMAT))
+    def load_checkpoint(self, path: str | os.PathLike[str], allow_changes: bool = False) -> list[str]:
+        """Load a file written by :meth:`save_checkpoint` (``weights_only=True``; every rank reads it);
+        see :meth:`load_state_dict` for ``allow_changes``."""
+        return self.load_state_dict(load_checkpoint(path, map_location="cpu", expect_format=FORMAT), allow_changes)
 
     # ------------------------------------------------------------------ one step
     def step(self, inner_batch: Any, outer_batch: Any = None) -> dict[str, Any]:

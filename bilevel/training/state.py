@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -66,6 +66,29 @@ def _state_of(obj: Any) -> Any:
     return obj.state_dict() if obj is not None else None
 
 
+def solver_options(solver: Any) -> dict[str, Any] | None:
+    """``{"name": ..., option: value}`` of a dataclass solver (non-primitive values as their repr; the
+    StocBiO batch source left out), to be saved with a checkpoint and compared on resume."""
+    if solver is None:
+        return None
+    out: dict[str, Any] = {"name": solver.name}
+    for f in fields(solver) if is_dataclass(solver) else ():
+        if f.name == "batches":
+            continue
+        value = getattr(solver, f.name)
+        out[f.name] = value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+    return out
+
+
+def _changes(saved: dict[str, Any], now: dict[str, Any], what: str) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [
+        f"{what}.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        for k in keys
+        if saved.get(k) != now.get(k)
+    ]
+
+
 def state(tr: BilevelTrainer) -> dict[str, Any]:
     """Everything needed to resume (see :meth:`BilevelTrainer.state_dict`)."""
     own = {"rng": rng_state(), "cursors": {k: c.state_dict() for k, c in tr._cursors.items()}}
@@ -73,6 +96,7 @@ def state(tr: BilevelTrainer) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "config": asdict(tr.config),
+        "solver": solver_options(tr.solver),
         "counters": counters(tr),
         "model": tr.model.state_dict(),
         "optimizer": tr.optimizer.state_dict(),
@@ -92,15 +116,27 @@ KEYS = (
 )  # fmt: skip
 
 
-def load_state(tr: BilevelTrainer, st: dict[str, Any]) -> None:
+def load_state(tr: BilevelTrainer, st: dict[str, Any], allow_changes: bool = False) -> list[str]:
     """Restore :func:`state`; data positions are kept in ``tr._pending`` for the next ``fit``.
 
-    All or nothing: a state with missing keys is refused before anything is touched, and when any part
-    fails to load (e.g. an SGD optimizer state into an Adam optimizer) everything loaded so far is put
-    back as it was before the call, then ``ValueError`` names the part."""
+    All or nothing: a state with missing keys is refused before anything is touched; so is one written
+    with another :class:`TrainerConfig` (``distributed`` aside) or another solver or solver option (each
+    changes the trajectory), naming every differing field, unless ``allow_changes``. When a part fails to
+    load (e.g. an SGD optimizer state into an Adam optimizer) everything loaded so far is put back as it
+    was, then ``ValueError`` names the part. Returns the accepted changes (empty without ``allow_changes``)."""
     missing = [k for k in KEYS if k not in st]
     if missing:
         raise ValueError(f"the checkpoint state lacks {missing}: it was not written by BilevelTrainer.state_dict")
+    now = {k: v for k, v in asdict(tr.config).items() if k != "distributed"}
+    changes = _changes({k: v for k, v in dict(st.get("config") or {}).items() if k != "distributed"}, now, "config")
+    if "solver" in st:  # checkpoints of earlier versions did not save the solver
+        changes += _changes(st["solver"] or {}, solver_options(tr.solver) or {}, "solver")
+    if changes and not allow_changes:
+        raise ValueError(
+            "the checkpoint was written by another configuration: "
+            + "; ".join(changes)
+            + " (pass allow_changes=True to resume anyway; the changes are then returned and recorded)"
+        )
     # a copy (load_state_dict writes into the live tensors); the all-gather of state() is collective: skipped
     before = clone_tree(state(tr)) if not tr.distributed else None
     pending = tr._pending
@@ -113,6 +149,7 @@ def load_state(tr: BilevelTrainer, st: dict[str, Any]) -> None:
         raise ValueError(
             f"the checkpoint does not fit this trainer ({type(exc).__name__}: {exc}); nothing was changed"
         ) from exc
+    return changes
 
 
 def _load(tr: BilevelTrainer, st: dict[str, Any]) -> None:

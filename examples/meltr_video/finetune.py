@@ -370,6 +370,15 @@ class FinetuneRun:
         ckpt, res_path, best_path = self.out / "ckpt.pt", self.out / "results.json", self.out / "best.pt"
         if not ckpt.exists():
             return
+        prev = json.loads(res_path.read_text()) if res_path.exists() else None
+        if prev is not None:  # before anything is loaded: every setting that changes the trajectory must match
+            free = ("progress", "resume", "out", "epochs", "eval_test", "eval_threads")
+            now = {k: v for k, v in asdict(self.cfg).items() if k not in free}
+            was = {k: v for k, v in prev.get("config", {}).items() if k not in free}
+            changed = sorted(k for k in set(now) | set(was) if now.get(k) != was.get(k))
+            if changed:
+                diff = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                raise ValueError(f"{res_path} is from a run with other settings ({diff}); use another --out")
         self.trainer.load_checkpoint(ckpt)
         # run_epoch calls fit once per epoch, and each fit starts fresh meta / HVP streams; a resumed
         # fit would instead continue the streams saved in the checkpoint. Restart them so that a
@@ -381,11 +390,7 @@ class FinetuneRun:
             if int(gens["epoch"]) == self.trainer.epoch:
                 for k, g in self.gens.items():
                     g.set_state(gens[k])
-        if res_path.exists():
-            prev = json.loads(res_path.read_text())
-            same = ("method", "solver", "task", "backbone")
-            if any(prev["config"].get(k, "univl" if k == "backbone" else None) != getattr(self.cfg, k) for k in same):
-                raise ValueError(f"{res_path} is from another run ({prev['name']}); use another --out")
+        if prev is not None:
             self.history = [h for h in prev["epochs"] if h["epoch"] <= self.trainer.epoch]
         if best_path.exists():
             best = torch.load(best_path, map_location="cpu", weights_only=True)

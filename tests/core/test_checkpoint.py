@@ -227,3 +227,22 @@ def test_fit_arguments_are_checked_before_any_step(tmp_path):
         with pytest.raises(ValueError, match=msg):
             a.fit(inner, outer, progress=False, **kwargs)
     assert a.step_count == 0
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    import dataclasses
+
+    import bilevel as bl
+
+    mod = _load_script()
+    a, inner, outer = mod.build()
+    a.fit(inner, outer, max_steps=2, progress=False, checkpoint_path=tmp_path / "c.pt")
+    b, _, _ = mod.build()
+    b.config = dataclasses.replace(b.config, hyper_every=5)
+    b.solver = bl.get_solver("stocbio", iters=4, alpha=0.1)
+    weights = {k: v.clone() for k, v in b.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"config\.hyper_every: 2 in the checkpoint, 5 now; solver\.iters: 3"):
+        b.load_checkpoint(tmp_path / "c.pt")
+    assert all(torch.equal(weights[k], v) for k, v in b.model.state_dict().items())
+    changes = b.load_checkpoint(tmp_path / "c.pt", allow_changes=True)
+    assert len(changes) == 2 and b.resumed_with_changes == changes and b.step_count == 2

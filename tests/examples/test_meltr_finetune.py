@@ -249,3 +249,13 @@ def test_the_command_line_is_derived_from_the_config_fields():
     assert cfg.sizes["test"] == ft.DATA_SIZES["testbed"]["test"] and cfg.lr == ft.FinetuneConfig().lr
     with pytest.raises(SystemExit):
         p.parse_args(["--solver", "newton"])
+
+
+def test_resume_with_other_settings_is_refused_before_loading(tmp_path, data, pretrained):
+    kw = dict(method="meltr", solver="aid-fp-lite", epochs=2, out=str(tmp_path / "r"))
+    first = ft.FinetuneRun(cfg(**kw), data, pretrained)
+    first.run_epoch()
+    with pytest.raises(ValueError, match=r"other settings \(K: 3 -> 5, iters: 3 -> 7, lr: 0\.0001 -> 0\.5\)"):
+        ft.FinetuneRun(cfg(**kw, resume=True, K=5, iters=7, lr=0.5), data, pretrained)
+    more = ft.FinetuneRun(cfg(**{**kw, "epochs": 3}, resume=True), data, pretrained)  # more epochs: allowed
+    assert more.epoch == 1
