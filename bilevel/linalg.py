@@ -47,6 +47,7 @@ MatVec = Callable[[Tree], Tree]
 SolvePolicy = Literal["raise", "warn", "ignore"]
 """What a solve does when it meets its failure (CG: negative curvature, Neumann: divergence)."""
 POLICIES: tuple[str, ...] = ("raise", "warn", "ignore")
+GROWTH_TOL = 1e-8  # relative growth of a Neumann term beyond rounding that counts as divergence
 
 
 @dataclass
@@ -88,16 +89,23 @@ def cg(iters: int = 20, tol: float = 1e-10, on_negative_curvature: SolvePolicy =
 
 
 def neumann(
-    iters: int = 20, alpha: float = 0.01, on_divergence: SolvePolicy = "raise", divergence_factor: float = 10.0
+    iters: int = 20,
+    alpha: float = 0.01,
+    on_divergence: SolvePolicy = "raise",
+    divergence_factor: float = 10.0,
+    growth_tol: float | None = GROWTH_TOL,
 ) -> LinearSolve:
     """The truncated Neumann series as a linear solve: ``neumann(...)(matvec, b)`` is :func:`neumann_series`."""
     check_int("iters", iters, 0)
     check_positive("alpha", alpha)
     check_positive("divergence_factor", divergence_factor)
     check_choice("on_divergence", on_divergence, POLICIES)
+    if growth_tol is not None:
+        check_positive("growth_tol", growth_tol)
     return partial(
-        neumann_series, iters=iters, alpha=alpha, on_divergence=on_divergence, divergence_factor=divergence_factor
-    )
+        neumann_series, iters=iters, alpha=alpha, on_divergence=on_divergence, divergence_factor=divergence_factor,
+        growth_tol=growth_tol,
+    )  # fmt: skip
 
 
 def identity(scale: float = 1.0) -> LinearSolve:
@@ -109,6 +117,17 @@ def identity(scale: float = 1.0) -> LinearSolve:
 def identity_solve(matvec: MatVec, b: Tree, scale: float = 1.0) -> tuple[Tree, SolveResult]:
     """``v = scale * b`` without calling ``matvec`` (AID-FP-Lite, MELTR eq. 11)."""
     return tree_scale(b, scale), SolveResult()
+
+
+def _divergence(p_norm: float, prev: float, b_norm: float, factor: float, growth_tol: float) -> str:
+    """Why the term of norm ``p_norm`` (the one before: ``prev``) shows divergence; "" when it does not."""
+    if not math.isfinite(p_norm):
+        return f"is non-finite (norm {p_norm}): the Hessian-vector product has NaN or inf entries"
+    if p_norm > factor * b_norm:
+        return f"has norm {p_norm:.3e} > {factor:g} x ||b|| = {b_norm:.3e}"
+    if p_norm > (1 + growth_tol) * prev:
+        return f"is longer than the one before ({p_norm:.6e} > {prev:.6e})"
+    return ""
 
 
 def conjugate_gradient(
@@ -141,13 +160,18 @@ def conjugate_gradient(
         result.iters = k + 1
         if not php > 0.0:  # also catches NaN
             result.negative_curvature = True
+            what = (
+                f"non-finite curvature p^T H p = {php} at iteration {k}: the Hessian-vector product has NaN or "
+                "inf entries"
+                if not math.isfinite(php)
+                else f"non-positive curvature p^T H p = {php:.3e} at iteration {k}: the inner Hessian is not "
+                "positive definite at these params (not a strict minimum of g)"
+            )
             _handle(
                 on_negative_curvature,
                 NegativeCurvatureError,
                 NegativeCurvatureWarning,
-                f"conjugate gradient met non-positive curvature p^T H p = {php:.3e} at iteration {k}: "
-                "the inner Hessian is not positive definite at these params (not a strict minimum of g); "
-                "the hypergradient uses the iterate reached so far",
+                f"conjugate gradient met {what}; the hypergradient uses the iterate reached so far",
             )
             return (b if k == 0 else v), result
         a = rs / php
@@ -170,6 +194,7 @@ def neumann_series(
     alpha: float,
     on_divergence: SolvePolicy = "raise",
     divergence_factor: float = 10.0,
+    growth_tol: float | None = 1e-8,
 ) -> tuple[Tree, SolveResult]:
     """Approximate ``H^{-1} b`` by the truncated Neumann series with ``iters`` + 1 terms:
 
@@ -177,7 +202,13 @@ def neumann_series(
 
     i.e. ``v = alpha sum_{j=0}^{iters} (I - alpha H)^j b``, which converges to ``H^{-1} b`` iff
     ``||I - alpha H|| < 1`` (``0 < alpha < 2/L``, ``H`` positive definite). ``iters = 0`` gives
-    ``alpha * b``. The series is declared divergent when a term is non-finite or
+    ``alpha * b``. The series is declared divergent when a term is non-finite, when a term is longer
+    than the one before (``||p_{j+1}|| > (1 + growth_tol) ||p_j||``: impossible when ``H`` is symmetric
+    positive semi-definite and ``alpha <= 2/L``, since every factor ``|1 - alpha lambda_i| <= 1``; so the
+    first growth already certifies that the series does not converge, however slowly it grows; not
+    applied to a matvec marked ``stochastic = True``, whose single terms may grow on a batch while the
+    series converges in expectation, e.g. :func:`~bilevel.products.resampled_hvp`, nor with
+    ``growth_tol=None``, the peers' plain series), or when
     ``||p_j|| > divergence_factor * ||b||``; ``on_divergence`` then raises
     :class:`~bilevel.errors.NeumannDivergenceError`, or warns / ignores and returns the sum of
     the terms before the divergent one. ``hvp`` is called once per term, in order, so a matvec
@@ -186,24 +217,30 @@ def neumann_series(
     result = SolveResult()
     b_norm = float(tree_norm(b))
     result.residuals.append(b_norm)
-    v, p = b, b
+    v, p, prev = b, b, b_norm
+    growth = growth_tol is not None and not getattr(hvp, "stochastic", False)
     for j in range(iters):
         hp = hvp(p)
         p_next = tree_add(p, hp, -alpha)
         p_norm = float(tree_norm(p_next))
         result.iters = j + 1
         result.residuals.append(p_norm)
-        if not math.isfinite(p_norm) or p_norm > divergence_factor * b_norm:
+        why = _divergence(p_norm, prev if growth else math.inf, b_norm, divergence_factor, growth_tol or 0.0)
+        if why:
             result.diverged = True
             _handle(
                 on_divergence,
                 NeumannDivergenceError,
                 NeumannDivergenceWarning,
-                f"Neumann series diverges: term {j + 1} has norm {p_norm:.3e} > {divergence_factor:g} x "
-                f"||b|| = {b_norm:.3e}; alpha={alpha:g} is too large (it must be below 2/L, L the largest "
-                "eigenvalue of the inner Hessian) or the Hessian is not positive definite: lower alpha",
+                f"Neumann series diverges: term {j + 1} {why}"
+                + (
+                    ""
+                    if why.startswith("is non-finite")
+                    else f"; alpha={alpha:g} is too large (it must be below 2/L, L the largest eigenvalue of the "
+                    "inner Hessian) or the Hessian is not positive definite: lower alpha"
+                ),
             )
             break
-        p = p_next
+        p, prev = p_next, p_norm
         v = tree_add(v, p)
     return tree_scale(v, alpha), result

@@ -345,7 +345,9 @@ def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree]
     """A matvec ``p -> H_B p`` whose every call linearises ``g`` at ``lin``'s point on the next batch
     ``B = next(batches)`` (StocBiO's stochastic products), in ``lin``'s mode and with its ``reduce``.
 
-    Each product costs one gradient of ``g`` with its graph plus one backward pass.
+    Each product costs one gradient of ``g`` with its graph plus one backward pass. The matvec carries
+    ``stochastic = True`` (:func:`bilevel.linalg.neumann_series` then does not read a growing term as
+    divergence).
     """
 
     drawn = 0
@@ -360,4 +362,5 @@ def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree]
         # only its HVP is used: "jvp" (not "autograd") so that an "fd" HVP builds no graph
         return Linearization(lin.problem, lin.params, lin.hparams, batch, lin.mode, lin.reduce, "jvp").hvp(p)
 
+    matvec.stochastic = True  # type: ignore[attr-defined]  (a term may grow on one batch: see neumann_series)
     return matvec

@@ -210,3 +210,28 @@ def test_stocbio_batches_must_be_iterable():
 
     with pytest.raises(TypeError, match=r"StocBiO\.batches must be an iterable of inner batches"):
         bl.get_solver("stocbio", batches=5)
+
+
+def test_slow_neumann_growth_is_divergence_and_nan_is_named():
+    """alpha just above 2/L: the terms grow by 1.2x per step, far from the x10 bound within 20 terms
+    (the old test passed it with a 169 % error); the first growth is now divergence. A NaN Hessian is
+    named as non-finite by both CG and the Neumann series."""
+    from bilevel.testing import ridge_synthetic
+
+    ref = ridge_synthetic(d=20, n=200)
+    hp = ref.hparams(-1.0)
+    sol = ref.solution(hp)
+    _, L = ref.curvature(hp)
+    args = (ref.problem(), sol, hp, ref.inner_batch, ref.outer_batch)
+    with pytest.raises(bl.NeumannDivergenceError, match="is longer than the one before"):
+        bl.AIDFP(iters=20, alpha=2.2 / L).hypergrad(*args)
+    _, info = bl.AIDFP(iters=20, alpha=2.2 / L, on_divergence="ignore").hypergrad(*args, return_info=True)
+    assert info.diverged and info.iters < 20
+    nan = {"w": torch.full((20,), float("nan"), dtype=torch.float64)}
+    from bilevel.linalg import conjugate_gradient, neumann_series
+
+    b = {"w": torch.ones(20, dtype=torch.float64)}
+    with pytest.raises(bl.NegativeCurvatureError, match="non-finite curvature"):
+        conjugate_gradient(lambda p: nan, b, 5, 1e-10, on_negative_curvature="raise")
+    with pytest.raises(bl.NeumannDivergenceError, match="is non-finite"):
+        neumann_series(lambda p: nan, b, 5, 0.1)

@@ -90,11 +90,15 @@ def test_lite_matches_autograd_double_backward(setup):
 @pytest.mark.parametrize("name", ["aid-cg", "aid-fp", "stocbio", "itd"])
 def test_every_solver_runs_on_modules(setup, name):
     problem, theta, phi, ib, ob = setup
+    # theta is not a minimiser: H is indefinite, CG meets negative curvature and the Neumann terms grow
+    # (detected at the first growth), so both stop early by their "ignore" policies (as in MELTR)
     opts = {"aid-cg": {"iters": 5, "on_negative_curvature": "ignore"}, "itd": {"steps": 3, "lr": 0.1}}.get(
-        name, {"iters": 5, "alpha": 0.01}
+        name, {"iters": 5, "alpha": 0.01, "on_divergence": "ignore"}
     )
     hg, info = bl.get_solver(name, **opts).hypergrad(problem, theta, phi, ib, ob, return_info=True)
     assert hg.keys() == phi.keys()
     assert all(v.shape == phi[k].shape and torch.isfinite(v).all() for k, v in hg.items())
     assert 1 <= info.iters <= opts.get("iters", opts.get("steps"))
     assert float(hg["out.weight"].abs().sum()) > 0
+    if name in ("aid-fp", "stocbio"):
+        assert info.diverged and info.residuals[-1] > info.residuals[-2]

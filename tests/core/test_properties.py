@@ -53,12 +53,13 @@ def test_neumann_error_shrinks_monotonically(q, frac):
         assert res.iters == k and not res.diverged
         errs.append(float((v["x"] - exact).norm()))
     assert all(e1 <= e0 * (1 + 1e-12) + 1e-14 for e0, e1 in itertools.pairwise(errs))
-    # the hypergradient error goes down too (not necessarily monotonically)
+    # the hypergradient error is J (v_K - v*) mixed by B^T: not monotone in K (hypothesis found a case), but
+    # it vanishes once the series has converged: after 200 terms the solve error is at most rate^201
     theta, h = _point(q)
     ex = q.exact_hypergrad(h)
-    e0 = rel_err(bl.AIDFP(iters=0, alpha=alpha).hypergrad(q.problem(), theta, h, None, None), ex)
-    e1 = rel_err(bl.AIDFP(iters=200, alpha=alpha).hypergrad(q.problem(), theta, h, None, None), ex)
-    assert e1 <= e0 + 1e-12
+    rate = 1 - alpha * float(torch.linalg.eigvalsh(q.A).min())
+    if rate**201 < 1e-9:
+        assert rel_err(bl.AIDFP(iters=200, alpha=alpha).hypergrad(q.problem(), theta, h, None, None), ex) < 1e-5
 
 
 @SETTINGS
