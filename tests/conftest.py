@@ -106,3 +106,26 @@ def make_quadratic(n: int, m: int, cond: float, seed: int, direct: bool = True) 
         e=t(rng.standard_normal(m) if direct else np.zeros(m)),
         E=t(0.1 * E @ E.T if direct else np.zeros((m, m))),
     )
+
+
+@pytest.fixture
+def tiny_meltr_args():
+    """``(problem, params, hparams, inner_batch, outer_batch)`` of the MELTR objectives on a tiny float64
+    UniVL (training mode, no dropout) and four digit clips per batch: a MELTR-shaped hypergradient case."""
+    from examples.meltr_video.data import Collate, Tokenizer, make_digit_clips
+    from examples.meltr_video.meltr import MELTR, MELTRObjectives
+    from examples.meltr_video.univl import LOSS_NAMES, UniVL, UniVLConfig
+
+    torch.manual_seed(0)
+    tok = Tokenizer.for_digits()
+    cfg = UniVLConfig.tiny(len(tok), hidden=16, heads=2, ff=32, text_layers=1, video_layers=1)
+    meltr = MELTR(LOSS_NAMES, hidden=8, d_model=16, ff=16, nhead=2).double()
+    obj = MELTRObjectives(UniVL(cfg).double(), meltr, "alignment")
+    d = make_digit_clips(0, sizes={"train": 4, "meta": 4})
+    c = Collate(tok)
+
+    def batch(split):
+        b = c([d[split][i] for i in range(4)])
+        return {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
+
+    return obj.problem(), obj.params, obj.hparams, batch("train"), batch("meta")

@@ -227,30 +227,13 @@ def test_peer_spec_errors():
     assert efficiency.peer_rows("none") == ([], [])
 
 
-def test_peer_solver_matches_ours_on_meltr():
+def test_peer_solver_matches_ours_on_meltr(tiny_meltr_args):
     """torchopt's and betty's Neumann equal AID-FP on a MELTR problem (float64); betty's CG does not equal CG."""
     from benchmarks.peers import available, parse_peer_solver
-    from examples.meltr_video.data import Collate, Tokenizer, make_digit_clips
     from examples.meltr_video.finetune import make_solver
-    from examples.meltr_video.meltr import MELTR, MELTRObjectives
-    from examples.meltr_video.univl import LOSS_NAMES, UniVL, UniVLConfig
 
     have = available()
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    tok = Tokenizer.for_digits()
-    cfg = UniVLConfig.tiny(len(tok), hidden=16, heads=2, ff=32, text_layers=1, video_layers=1)
-    obj = MELTRObjectives(
-        UniVL(cfg).double(), MELTR(LOSS_NAMES, hidden=8, d_model=16, ff=16, nhead=2).double(), "alignment"
-    )
-    d = make_digit_clips(0, sizes={"train": 4, "meta": 4})
-    c = Collate(tok)
-
-    def batch(split):
-        b = c([d[split][i] for i in range(4)])
-        return {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
-
-    args = (obj.problem(), obj.params, obj.hparams, batch("train"), batch("meta"))
+    args = tiny_meltr_args
     # the peers' plain series (no divergence test; ours stops at the first growing term, off the minimiser)
     ref = bl.AID(solve=bl.linalg.neumann(3, 0.01, "ignore", growth_tol=None)).hypergrad(*args)
     norm = sum(float((v**2).sum()) for v in ref.values()) ** 0.5

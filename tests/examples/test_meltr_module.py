@@ -236,29 +236,12 @@ def test_meltr_gradient_is_finite_for_large_losses():
 
 
 @pytest.mark.parametrize("mixed", ["jvp", "fd"])
-def test_meltr_hypergradient_in_every_mixed_mode(mixed):
+def test_meltr_hypergradient_in_every_mixed_mode(mixed, tiny_meltr_args):
     """On the MELTR objectives (tiny UniVL + the loss transformer, float64): forward mode equals the
     double backward to 1e-10; central differences are close (O(r^2))."""
-    from examples.meltr_video.data import Collate, Tokenizer, make_digit_clips
-    from examples.meltr_video.meltr import MELTRObjectives
-    from examples.meltr_video.univl import LOSS_NAMES, UniVL, UniVLConfig
-
-    torch.manual_seed(0)
-    tok = Tokenizer.for_digits()
-    cfg = UniVLConfig.tiny(len(tok), hidden=16, heads=2, ff=32, text_layers=1, video_layers=1)
     # training mode (no dropout in the tiny configs): torch's fused inference path of nn.TransformerEncoderLayer
     # (eval mode, no grad required) has no forward-mode derivative, so "jvp" needs training mode there
-    obj = MELTRObjectives(
-        UniVL(cfg).double(), MELTR(LOSS_NAMES, hidden=8, d_model=16, ff=16, nhead=2).double(), "alignment"
-    )
-    d = make_digit_clips(0, sizes={"train": 4, "meta": 4})
-    c = Collate(tok)
-
-    def batch(split):
-        b = c([d[split][i] for i in range(4)])
-        return {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
-
-    args = (obj.problem(), obj.params, obj.hparams, batch("train"), batch("meta"))
+    args = tiny_meltr_args
     want = bl.AIDFPLite(scale=0.5).hypergrad(*args)
     got = bl.AIDFPLite(scale=0.5, mixed=mixed, fd_radius=1e-4).hypergrad(*args)
     num = sum(float(((got[k] - want[k]) ** 2).sum()) for k in want) ** 0.5
