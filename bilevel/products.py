@@ -125,14 +125,7 @@ def outer_gradients(
     red = reduce or _identity
     f = problem.objective("outer", "grad of f")
     if mode in ("autograd", "fd"):
-        with torch.enable_grad():
-            th, ph = leaves(params), leaves(hparams)
-            value = f(th, ph, batch)
-            check_finite(value.detach(), "outer", "grad of f")
-            check_differentiable(value, "outer", "grad of f")
-            out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
-        g_theta, g_phi = dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
-        value = value.detach()
+        value, g_theta, g_phi = _first_order(f, params, hparams, batch, "outer", "grad of f")
     else:
         (g_theta, g_phi), value = grad_and_value(f, argnums=(0, 1))(params, hparams, batch)
         check_finite(value, "outer", "grad of f")
@@ -330,13 +323,20 @@ def _composite_layer_norm() -> Iterator[None]:
         torch.nn.functional.layer_norm = original
 
 
-def _first_order(g: Objective, params: Tree, hparams: Tree, batch: Any) -> tuple[Tensor, Tree, Tree]:
-    """``(g, grad_theta g, grad_phi g)`` by one forward and one first-order backward pass (no graph kept)."""
+def _first_order(
+    fn: Objective,
+    params: Tree,
+    hparams: Tree,
+    batch: Any,
+    level: str = "inner",
+    stage: str = "first-order gradient of g (finite differences)",
+) -> tuple[Tensor, Tree, Tree]:
+    """``(fn, grad_theta fn, grad_phi fn)`` by one forward and one first-order backward pass (no graph kept)."""
     with torch.enable_grad():
         th, ph = leaves(params), leaves(hparams)
-        value = g(th, ph, batch)
-        check_finite(value.detach(), "inner", "first-order gradient of g (finite differences)")
-        check_differentiable(value, "inner", "first-order gradient of g (finite differences)")
+        value = fn(th, ph, batch)
+        check_finite(value.detach(), level, stage)
+        check_differentiable(value, level, stage)
         out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
     return value.detach(), dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as bdist
+from .._checks import check_int
 from .._tree import Tree, all_finite
 from ..checkpoint import FORMAT, load_checkpoint, save_checkpoint, set_rng_state
 from ..problem import BilevelProblem, Objective, check_differentiable
@@ -528,9 +529,8 @@ def _check_fit_args(
     """``fit``'s arguments, checked before any step."""
     if solver is not None and outer_loader is None:
         raise ValueError("fit with a solver needs an outer_loader (meta batches)")
-    for name, value, minimum in (("epochs", epochs, 0), ("log_every", log_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"fit: {name} must be an int >= {minimum}, got {value!r}")
+    check_int("fit: epochs", epochs, 0)
+    check_int("fit: log_every", log_every, 1)
     for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"fit: {name} must be None or an int >= 1, got {value!r}")
