@@ -24,7 +24,11 @@ Protocol (fixed before any MELTR run on the testbed; ``docs/testbed.md``):
    zero-shot (un-fine-tuned) backbone.
 
 Runs are cached in ``--out-root`` (``LABEL-lrLR-sSEED/results.json``): a finished run with the same
-settings is read back, not rerun, so a comparison can be extended seed by seed across sessions.
+settings is read back, not rerun, so a comparison can be extended seed by seed across sessions. A fresh clone
+has no cache: ``--reuse FILE`` (repeatable) takes search runs and seeds from an earlier ``--json`` record
+(e.g. the committed ``docs/data/paired_univl_retrieval.json``) where that record's settings equal this
+invocation's (base settings, lr grid, search seed, the row's resolved overrides); reused rows say so
+(``"reused_from"``), and only what no record and no cache holds is run.
 ``--json FILE`` writes every per-seed, per-row metric; ``--write`` also writes the section of
 docs/results.md and the plots (R@1 per row; paired differences; MELTR's task weights).
 """
@@ -178,6 +182,48 @@ def _scaled_weights(backbone: str, task: str, data: Any, pre: Any, base: Mapping
     return {n: round(p / max(float(v), 1e-8), 4) for n, v in zip(names, lv.tolist(), strict=True)}
 
 
+def _portable(base: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with the pretrained path made clone-independent (a path inside this repository is kept
+    relative to it, so records written in another checkout compare equal)."""
+    out = dict(base)
+    pre = out.get("pretrained")
+    if isinstance(pre, str):
+        parts = Path(pre).parts
+        if "examples" in parts:  # a shipped checkpoint: compare from the repository root on
+            out["pretrained"] = "/".join(parts[parts.index("examples") :])
+    return out
+
+
+def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Read earlier ``--json`` records for ``--reuse``; a missing or malformed file is an error naming it."""
+    records = []
+    for path in paths:
+        try:
+            rec = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--reuse {path}: cannot read a results record ({e})") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("rows"), dict) or "base" not in rec:
+            raise ValueError(f"--reuse {path}: not a results record (no 'base' / 'rows')")
+        rec["_path"] = str(path)
+        records.append(rec)
+    return records
+
+
+def _prior_row(
+    records: Sequence[Mapping[str, Any]], record: Mapping[str, Any], label: str, over: Mapping[str, Any]
+) -> tuple[str, Mapping[str, Any]] | None:
+    """The first earlier record's row ``label`` run under the same settings as ``record`` (base, lr grid,
+    search seed) with the same resolved overrides, as ``(path, row)``; None if there is none."""
+    for rec in records:
+        row = rec["rows"].get(label)
+        if row is None or row.get("overrides") != json.loads(json.dumps(over)):
+            continue
+        same = _portable(rec["base"]) == _portable(record["base"])
+        if same and rec.get("lr_grid") == record["lr_grid"] and rec.get("search_seed") == record["search_seed"]:
+            return rec["_path"], row
+    return None
+
+
 def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Paired difference ``a - b`` over seeds: mean, std (n - 1), wins (a > b), ties, n."""
     if len(a) != len(b) or not a:
@@ -199,8 +245,12 @@ def run_comparison(
     lr_grid: list[float],
     out_root: Path,
     progress: bool = True,
+    reuse: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Search every row's learning rate on val, then run every seed; returns the JSON-ready record."""
+    """Search every row's learning rate on val, then run every seed; returns the JSON-ready record.
+
+    ``reuse``: earlier records (:func:`load_records`); a search run or seed that a record holds under the
+    same settings is taken from it instead of being run."""
     from .finetune import DATA_SIZES
     from .pretrain import load_pretrained
     from .testbed import make_testbed
@@ -243,6 +293,10 @@ def run_comparison(
             least = min((n for n in w if n != primary), key=w.get)  # the primary always stays
             over["weights"] = {n: (0.0 if n == least else 1.0) for n in w}
         row: dict[str, Any] = {"overrides": over, "search": {}, "runs": []}
+        prior = _prior_row(reuse, record, label, over)
+        old: Mapping[str, Any] = prior[1] if prior else {}
+        if prior:
+            row["reused_from"] = prior[0]
 
         def cfg_for(
             seed: int, lr: float, test: bool, label: str = label, over: dict[str, Any] = over
@@ -253,6 +307,12 @@ def run_comparison(
 
         if len(lr_grid) > 1:
             for lr in lr_grid:
+                if f"{lr:g}" in old.get("search", {}):
+                    row["search"][f"{lr:g}"] = old["search"][f"{lr:g}"]
+                    if over.get("method") == "meltr":
+                        row.setdefault("search_meltr", {})[f"{lr:g}"] = (old.get("search_meltr") or {}).get(f"{lr:g}")
+                    bar.update(1)
+                    continue
                 res = _run(cfg_for(SEARCH_SEED, lr, False), data, pre)
                 row["search"][f"{lr:g}"] = {"best_val": res["best_val"], "best_epoch": res["best_epoch"]}
                 if over.get("method") == "meltr":
@@ -266,7 +326,12 @@ def run_comparison(
         row["lr"] = best
         if over.get("method") == "meltr" and row.get("search_meltr"):
             row["search_weights"] = row["search_meltr"][f"{best:g}"]
+        old_runs = {r["seed"]: r for r in old.get("runs", [])} if old.get("lr") == best else {}
         for seed in seeds:
+            if seed in old_runs:
+                row["runs"].append(old_runs[seed])
+                bar.update(1)
+                continue
             res = _run(cfg_for(seed, best, True), data, pre)
             if "search_weights" not in row and over.get("method") == "meltr":
                 row["search_weights"] = (res["epochs"][-1].get("meltr") or {}).get("weights")
@@ -349,6 +414,12 @@ def markdown(rec: Mapping[str, Any], cmd: str) -> str:
         f"{b['meta_lr']:g}, data {b['data']!r} {b['sizes']}; {rec['seconds'] / 60:.0f} min in this invocation "
         "(runs read back from the cache not counted as work).",
     ]
+    reused: dict[str, list[str]] = {}
+    for label, row in rec["rows"].items():
+        if row.get("reused_from"):
+            reused.setdefault(Path(row["reused_from"]).name, []).append(f"`{label}`")
+    for src, labels in reused.items():
+        lines += ["", f"Read back from the earlier record `{src}` (same settings, not rerun): {', '.join(labels)}."]
     weighted = {label: row["overrides"].get("weights") for label, row in rec["rows"].items()}
     notes = [f"`{label}`: {w}" for label, w in weighted.items() if isinstance(w, dict)]
     if notes:
@@ -446,6 +517,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pretrained", default=None, help="default by backbone and data (finetune.default_pretrained)")
     p.add_argument("--out-root", type=Path, default=Path("runs/results"))
     p.add_argument("--json", type=Path, default=None, help="write every per-seed, per-row metric here")
+    p.add_argument(
+        "--reuse", type=Path, action="append", default=[], help="an earlier --json record whose runs are reused "
+        "where its settings equal these (repeatable; e.g. docs/data/paired_univl_retrieval.json)"
+    )
     p.add_argument("--write", action="store_true", help="write the docs/results.md section and docs/img plots")
     p.add_argument("--notes", default=None, help="a markdown file whose text is appended to the section")
     p.add_argument("--threads", type=int, default=1)
@@ -460,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds = parse_seeds(a.seeds)
         grid = [float(x) for x in a.lr_grid.split(",")]
         rows += [parse_variant(v) for v in a.variant]
+        reuse = load_records(a.reuse)
     except ValueError as e:
         p.error(str(e))
     if a.rows:
@@ -480,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ensure_pretrained(pretrained, "full", backbone=a.backbone, data=data)
     base = {"task": a.task, "backbone": a.backbone, "epochs": a.epochs, "pretrained": pretrained, "data": data}
     out_root = a.out_root / f"{a.backbone}-{a.task}"
-    rec = run_comparison(rows, seeds, base, grid, out_root)
+    rec = run_comparison(rows, seeds, base, grid, out_root, reuse=reuse)
     cmd = "python -m examples.meltr_video.results " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(rec, cmd.strip())
     print(text)

@@ -328,6 +328,28 @@ def test_run_comparison_small(tmp_path, bed, tiny_pre, monkeypatch):
     assert again["rows"]["single"]["runs"] == rec["rows"]["single"]["runs"]  # read back from the cache
     assert R.plot(rec, tmp_path / "p.png").exists()
 
+    # --reuse: a fresh cache directory, every run taken from the record written above, nothing trained
+    (tmp_path / "rec.json").write_text(json.dumps(rec))
+    records = R.load_records([tmp_path / "rec.json"])
+
+    def no_training(*a, **k):
+        raise AssertionError("a reused run was trained again")
+
+    monkeypatch.setattr(R, "_run", no_training)
+    reused = R.run_comparison(rows, [0, 1], base, [1e-3, 2e-3], tmp_path / "fresh", progress=False, reuse=records)
+    for label, row in rec["rows"].items():
+        assert reused["rows"][label]["runs"] == row["runs"] and reused["rows"][label]["lr"] == row["lr"]
+        assert reused["rows"][label]["reused_from"] == str(tmp_path / "rec.json")
+        assert reused["rows"][label]["vs_mtl"] == row["vs_mtl"]
+    # other settings (epochs, grid, a seed the record lacks) are not taken from it: they would be trained
+    for kw in ({"base": {**base, "epochs": 2}}, {"lr_grid": [1e-3, 5e-3]}, {"seeds": [0, 2]}):
+        args = {"rows": rows[:1], "seeds": [0, 1], "base": base, "lr_grid": [1e-3, 2e-3]} | kw
+        with pytest.raises(AssertionError, match="trained again"):
+            R.run_comparison(**args, out_root=tmp_path / "fresh", progress=False, reuse=records)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        R.load_records([tmp_path / "bad.json"])
+
 
 def test_pretrain_on_the_testbed_is_deterministic(tmp_path, monkeypatch, cache):
     from examples.meltr_video import pretrain as P
