@@ -28,6 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._tree import Tree, tree_all_finite, tree_detach
+from ..functional import buffers_read_only
 from ..linalg import SolveResult
 from ..problem import BilevelProblem, check_trees
 from ..products import Reduce
@@ -192,7 +193,9 @@ class Solver(ABC):
         start = time.perf_counter()
         # Second derivatives through attention: the fused SDPA kernels (flash / memory-efficient) have no
         # double backward, so attention is computed by the math kernel while a hypergradient is taken.
-        with sdpa_kernel([SDPBackend.MATH]):
+        # Buffers (batch-norm statistics) are read, never written, during a hypergradient
+        # (bilevel.functional's buffer policy).
+        with sdpa_kernel([SDPBackend.MATH]), buffers_read_only():
             hg = compute()
         if call.sync:
             torch.cuda.synchronize()
