@@ -30,7 +30,9 @@ Sources (read through the ``search`` tool, not copied):
 
 Loader behaviour (:func:`load_mosi`): the file is read only with
 :func:`examples.meltr_video.data.safe_load_pickle` (numpy arrays and builtin containers; anything else is
-refused before it runs). Every error names the file, the split and the key. Non-finite feature values
+refused before it runs). Every error names the file, the split and the key: ragged, complex (not cast to
+real), string or object arrays are refused, and so are byte-string ids that are not UTF-8 (MulT decodes
+them as UTF-8; nothing is replaced silently). Non-finite feature values
 (the -inf of COVAREP, and any NaN / +inf) are replaced by 0 *explicitly*: the count per split and
 modality is returned in :attr:`MOSISplits.nonfinite` and logged as a warning (``replace_nonfinite=False``
 raises instead). Non-finite or out-of-range labels are errors.
@@ -142,25 +144,39 @@ class MOSISplits:
 
 
 def _numeric(arr: Any, where: str) -> np.ndarray:
-    a = np.asarray(arr)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-        raise ValueError(f"{where}: expected a numeric array, got dtype {a.dtype}")
+    """``arr`` as a real array (bool, integer or floating dtype); ragged, complex, string, object or
+    date/time arrays raise ValueError naming ``where`` (complex values are refused, not cast to real)."""
+    try:
+        a = np.asarray(arr)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise ValueError(f"{where}: not an array ({e})") from e
+    if a.dtype.kind not in "biuf":
+        want = "real (complex values are not cast)" if a.dtype.kind == "c" else "numeric"
+        raise ValueError(f"{where}: expected a {want} array, got dtype {a.dtype}")
     return a
 
 
 def _ids(raw: Any, n: int, where: str, split: str) -> list[str]:
     if raw is None:
         return [f"{split}_{i}" for i in range(n)]
-    a = np.asarray(raw)
+    try:
+        a = np.asarray(raw)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise ValueError(f"{where}: not an array of ids ({e})") from e
     if a.ndim == 0 or a.shape[0] != n:
         raise ValueError(f"{where}: {a.shape[0] if a.ndim else 'a scalar'} ids for {n} samples")
 
-    def one(x: Any) -> str:
-        return x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
+    def one(x: Any, i: int) -> str:
+        if isinstance(x, bytes):  # MulT decodes its byte-string ids as UTF-8
+            try:
+                return x.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: id of sample {i} is not UTF-8 ({e.reason} at byte {e.start}): {x!r}") from e
+        return str(x)
 
     if a.ndim == 1:
-        return [one(x) for x in a]
-    return ["|".join(one(x) for x in row.reshape(-1)) for row in a]
+        return [one(x, i) for i, x in enumerate(a)]
+    return ["|".join(one(x, i) for x in row.reshape(-1)) for i, row in enumerate(a)]
 
 
 def load_mosi(path: str | Path, replace_nonfinite: bool = True) -> MOSISplits:

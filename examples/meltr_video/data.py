@@ -17,8 +17,14 @@ Real formats, as UniVL distributes them:
               ``video_id`` column (and a ``sentence`` column for the test split), and
               ``MSRVTT_data.json`` with ``{"sentences": [{"video_id", "caption"}, ...]}``.
     YouCook2: a features pickle ``{video_id: [seconds, 1024]}``, a caption pickle
-              ``{video_id: {"start": [n], "end": [n], "text": [n]}}`` and a CSV with ``video_id``.
-Pickles are read with :class:`RestrictedUnpickler` (numpy arrays and plain containers only).
+              ``{video_id: {"start": [n], "end": [n], "text": [n]}}`` (whole seconds) and a CSV with
+              ``video_id``.
+Pickles are read with :class:`RestrictedUnpickler` (numpy arrays and plain containers only). Every
+malformed input is a ``ValueError`` naming the file (and the video id where there is one): files that
+are not UTF-8, malformed JSON or CSV rows, complex / non-numeric / ragged / non-finite features (never
+cast), segment bounds that are fractional or outside the features (``load_youcook2(clip_segments=True)``
+cuts segments that end past the last feature, as UniVL does). A failed load returns nothing and changes
+no file.
 
 Batches (:class:`Collate`) are dicts of tensors; masks for the masked pretext losses are drawn
 there, from a seeded generator, so the backbone's forward is a deterministic function of the batch.
@@ -30,8 +36,11 @@ import csv
 import functools
 import io
 import json
+import math
+import numbers
 import pickle
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,34 +486,74 @@ def safe_load_pickle(path: str | Path) -> Any:
 
 
 def _load_features(path: str | Path, feature_dim: int) -> dict[str, np.ndarray]:
+    """``{video_id: float32 [frames, feature_dim]}``; every array real (integer or floating dtype: complex,
+    bool, string and object arrays are refused, not cast), finite and non-empty. Errors name the file and video."""
     obj = safe_load_pickle(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict video_id -> array [frames, {feature_dim}], got {type(obj).__name__}")
     out = {}
     for vid, arr in obj.items():
-        a = np.asarray(arr)
+        try:
+            a = np.asarray(arr)
+        except (ValueError, TypeError) as e:  # ragged nested lists
+            raise ValueError(f"{path}: video {vid!r} has features that are not an array ({e})") from e
         if a.ndim != 2 or a.shape[1] != feature_dim:
             raise ValueError(f"{path}: video {vid!r} has features of shape {a.shape}, expected [frames, {feature_dim}]")
         if a.shape[0] == 0:
             raise ValueError(f"{path}: video {vid!r} has no frames")
-        if not np.issubdtype(a.dtype, np.number):
-            raise ValueError(f"{path}: video {vid!r} has non-numeric features (dtype {a.dtype})")
+        if a.dtype.kind not in "iuf":
+            what = "complex" if a.dtype.kind == "c" else "non-numeric"
+            raise ValueError(f"{path}: video {vid!r} has {what} features (dtype {a.dtype}); expected real numbers")
         a = a.astype(np.float32)
         if not np.isfinite(a).all():
-            raise ValueError(f"{path}: video {vid!r} has non-finite features")
+            raise ValueError(f"{path}: video {vid!r} has non-finite features (or values beyond float32)")
+        if str(vid) in out:
+            raise ValueError(f"{path}: two keys name video {str(vid)!r}")
         out[str(vid)] = a
     return out
 
 
 def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a UTF-8 CSV (a byte-order mark is allowed) with a header naming ``required`` columns.
+
+    Raises ValueError naming the file (and the line) for bytes that are not UTF-8, a CSV the parser
+    refuses, a missing column, or a row with more or fewer fields than the header (an unquoted comma
+    would otherwise cut a caption silently).
+    """
     path = Path(path)
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are {cols}")
-        return list(reader)
+        try:
+            cols = reader.fieldnames or []
+            missing = [c for c in required if c not in cols]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; columns are {cols}")
+            rows = []
+            for row in reader:
+                extra = row.get(None) or []  # type: ignore[call-overload]  # DictReader's restkey
+                short = sum(1 for k, v in row.items() if k is not None and v is None)  # its restval
+                if extra or short:
+                    raise ValueError(
+                        f"{path}: line {reader.line_num} has {len(cols) + len(extra) - short} field(s), the header "
+                        f"has {len(cols)} (quote fields that contain commas)"
+                    )
+                rows.append(row)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
+        except csv.Error as e:
+            raise ValueError(f"{path}: not a readable CSV (line {reader.line_num}: {e})") from e
+    return rows
+
+
+def _read_json(path: str | Path) -> Any:
+    """A UTF-8 JSON file; ValueError naming the file (and line/column) when it is not."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
 
 
 def _check_caption(text: Any, source: Path | str, vid: str) -> str:
@@ -530,8 +579,11 @@ def load_msrvtt(
         json_path: ``MSRVTT_data.json``; without a ``sentence`` column, every caption in its
             ``sentences`` list of a video in the CSV becomes a pair (UniVL's training setup).
     Raises:
-        ValueError naming the file and the video id for a missing id, a wrong feature dim or an
-        empty caption; :class:`UnsafePickleError` for a pickle that asks for anything but arrays.
+        ValueError naming the file (and the video id where there is one) for a missing id, features that
+        are not a real finite ``[frames, feature_dim]`` array (complex ones are refused, not cast), an
+        empty caption, a CSV that is not UTF-8 or has a row of the wrong width, a JSON file that is not
+        valid UTF-8 JSON or has a ``sentences`` entry that is not an object with a ``video_id`` string;
+        :class:`UnsafePickleError` for a pickle that asks for anything but arrays.
     """
     feats = _load_features(features_path, feature_dim)
     rows = _read_csv(csv_path, ["video_id"])
@@ -540,12 +592,19 @@ def load_msrvtt(
     if not has_sentence:
         if json_path is None:
             raise ValueError(f"{csv_path}: no 'sentence' column, so the captions JSON (json_path) is required")
-        with Path(json_path).open(encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = _read_json(json_path)
         if not isinstance(meta, dict) or not isinstance(meta.get("sentences"), list):
             raise ValueError(f"{json_path}: expected an object with a 'sentences' list")
-        for s in meta["sentences"]:
-            vid = str(s.get("video_id"))
+        for k, s in enumerate(meta["sentences"]):
+            if not isinstance(s, dict):
+                raise ValueError(
+                    f"{json_path}: sentences[{k}] is a {type(s).__name__}, expected an object with "
+                    "'video_id' and 'caption'"
+                )
+            vid = s.get("video_id")
+            if not isinstance(vid, str) or not vid.strip():
+                raise ValueError(f"{json_path}: sentences[{k}] has no video_id string (got {vid!r})")
+            vid = vid.strip()
             captions.setdefault(vid, []).append(_check_caption(s.get("caption"), json_path, vid))
     records = []
     for row in rows:
@@ -652,28 +711,53 @@ def msrvtt_splits(
     return DigitSplits({k: VideoTextDataset(v) for k, v in recs.items()}, tokenizer)
 
 
+def _whole_seconds(x: Any, source: Path | str, vid: str, j: int, name: str) -> int:
+    """A segment bound as an int: a real, finite, whole number of seconds, else ValueError naming the file."""
+    shown = x.item() if isinstance(x, np.generic) else x
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+        raise ValueError(f"{source}: video {vid!r} segment {j}: {name} {shown!r} is not a finite number of seconds")
+    if not float(x).is_integer():
+        raise ValueError(
+            f"{source}: video {vid!r} segment {j}: {name} {shown!r} is not a whole number of seconds (features are one "
+            "per second; UniVL truncates with int(), this loader refuses rather than guess)"
+        )
+    return int(x)
+
+
 def load_youcook2(
     features_path: str | Path,
     data_path: str | Path,
     csv_path: str | Path,
     feature_dim: int = 1024,
+    clip_segments: bool = False,
 ) -> VideoTextDataset:
     """YouCook2 as distributed with UniVL: one pair per captioned segment.
 
     Args:
         features_path: pickle ``{video_id: float array [seconds, feature_dim]}`` (1 feature per second).
         data_path: pickle ``{video_id: {"start": [n], "end": [n], "text": [n]}}`` (segment bounds in
-            seconds, inclusive, and their captions).
+            whole seconds, inclusive, and their captions). Segment ``[s, e]`` is features ``s .. e``.
         csv_path: split file with a ``video_id`` column.
+        clip_segments: a segment that starts inside the video but ends past its last feature is refused
+            by default. True cuts it at the last feature (what UniVL's loader does: it slices
+            ``features[int(s) : int(e) + 1]``, and Python slicing stops at the end), with a warning that
+            counts the cut segments. A segment starting past the last feature is refused either way
+            (UniVL prints it and uses an all-zero clip).
     Raises:
-        ValueError naming the file and the video id for a missing id, a wrong feature dim, an empty
-        caption or an empty segment; :class:`UnsafePickleError` for an unsafe pickle.
+        ValueError naming the file and the video id for a missing id, features that are not a real
+        finite ``[frames, feature_dim]`` array, an empty caption, start/end/text of different lengths,
+        a bound that is not a whole number of seconds (UniVL truncates fractional bounds; we refuse),
+        ``start > end``, a segment outside the features (see ``clip_segments``), a CSV that is not UTF-8;
+        :class:`UnsafePickleError` for an unsafe pickle.
     """
+    if not isinstance(clip_segments, bool):
+        raise TypeError(f"clip_segments must be a bool, got {clip_segments!r}")
     feats = _load_features(features_path, feature_dim)
     data = safe_load_pickle(data_path)
     if not isinstance(data, dict):
         raise ValueError(f"{data_path}: expected a dict video_id -> {{'start', 'end', 'text'}}")
     records = []
+    clipped: list[str] = []
     for row in _read_csv(csv_path, ["video_id"]):
         vid = row["video_id"].strip()
         if vid not in feats:
@@ -681,18 +765,41 @@ def load_youcook2(
         seg = data.get(vid)
         if not isinstance(seg, dict) or not all(k in seg for k in ("start", "end", "text")):
             raise ValueError(f"{data_path}: no segments (start/end/text) for video {vid!r} (listed in {csv_path})")
-        starts, ends, texts = (list(np.asarray(seg[k]).reshape(-1)) for k in ("start", "end", "text"))
+        try:
+            starts, ends, texts = (list(np.asarray(seg[k]).reshape(-1)) for k in ("start", "end", "text"))
+        except (ValueError, TypeError) as e:  # ragged nested lists
+            raise ValueError(f"{data_path}: video {vid!r} has start/end/text that are not flat lists ({e})") from e
         if not (len(starts) == len(ends) == len(texts)):
             raise ValueError(f"{data_path}: video {vid!r} has start/end/text of different lengths")
         f = feats[vid]
-        for j, (s, e, t) in enumerate(zip(starts, ends, texts, strict=True)):
-            s, e = int(s), int(e)
-            if not 0 <= s <= e or s >= f.shape[0]:
+        n = f.shape[0]
+        for j, (s0, e0, t) in enumerate(zip(starts, ends, texts, strict=True)):
+            s = _whole_seconds(s0, data_path, vid, j, "start")
+            e = _whole_seconds(e0, data_path, vid, j, "end")
+            if not 0 <= s <= e:
+                raise ValueError(f"{data_path}: video {vid!r} segment {j} [{s}, {e}] is not 0 <= start <= end")
+            if s >= n:
                 raise ValueError(
-                    f"{data_path}: video {vid!r} segment {j} [{s}, {e}] is outside its {f.shape[0]} feature frames"
+                    f"{data_path}: video {vid!r} segment {j} [{s}, {e}] is outside its {n} feature frames "
+                    f"(seconds 0..{n - 1})"
                 )
+            if e >= n:
+                if not clip_segments:
+                    raise ValueError(
+                        f"{data_path}: video {vid!r} segment {j} [{s}, {e}] ends past the last of its {n} feature "
+                        f"frames (seconds 0..{n - 1}); clip_segments=True cuts it there, as UniVL's loader does"
+                    )
+                clipped.append(f"{vid} segment {j} [{s}, {e}] -> [{s}, {n - 1}]")
+                e = n - 1
             text = _check_caption(t, data_path, vid)
             records.append(VideoTextRecord(f"{vid}_{j}", text, f[s : e + 1]))
     if not records:
         raise ValueError(f"{csv_path}: no videos listed")
+    if clipped:
+        warnings.warn(
+            f"{data_path}: clip_segments=True cut {len(clipped)} segment(s) at the last feature frame, e.g. "
+            f"{clipped[0]}",
+            UserWarning,
+            stacklevel=2,
+        )
     return VideoTextDataset(records)
