@@ -2,7 +2,9 @@
 
 Retrieval: every caption is a query against the set of distinct videos (by ``video_id``); the
 similarity matrix is [captions, videos] and the target of caption ``i`` is its own video.
-Captioning: one greedy caption per distinct video, scored against all of that video's captions.
+Captioning: one greedy caption per distinct video, scored against all of that video's captions by
+:func:`~examples.meltr_video.metrics.caption_metrics` (pycocoevalcap's scorers when installed, METEOR
+through its java jar).
 """
 
 from __future__ import annotations
@@ -64,10 +66,15 @@ def caption_eval(
     dataset: VideoTextDataset,
     tokenizer: Tokenizer,
     max_len: int = 20,
-    with_meteor: bool = False,
+    with_meteor: bool | None = False,
     batch_size: int = 64,
 ) -> tuple[Mapping[str, float], list[str]]:
-    """Captioning metrics of greedy captions, one per distinct video; returns ``(metrics, captions)``."""
+    """Captioning metrics of greedy captions, one per distinct video; returns ``(metrics, captions)``.
+
+    ``with_meteor`` as in :func:`~examples.meltr_video.metrics.caption_metrics`: True adds METEOR or raises
+    :class:`~examples.meltr_video.metrics.MeteorUnavailableError` (no Java / no pycocoevalcap), None adds
+    it when possible and otherwise warns (:class:`~examples.meltr_video.metrics.MeteorUnavailableWarning`).
+    """
     vids, _ = _videos(dataset)
     refs: dict[str, list[str]] = {}
     for r in dataset.records:

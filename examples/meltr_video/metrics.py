@@ -9,8 +9,13 @@ Retrieval (MATH.md section 6), for a similarity matrix ``S`` [texts, videos] and
 
 Ties are broken pessimistically, so a constant score matrix gives R@1 = 0, not a lucky number.
 
-Captioning (coco-caption definitions, re-implemented here; numbers match ``pycocoevalcap`` 1.2 on
-pre-tokenised text):
+Captioning. The reported numbers (:func:`caption_metrics`) come from ``pycocoevalcap`` 1.2, the
+coco-caption scorers (UniVL scores with nlg-eval, which runs a copy of them), whenever it is installed
+(it is in the ``dev`` extra): ``Bleu(4)``, ``Rouge``, ``Cider`` (CIDEr-D) and, with Java, ``Meteor``
+(METEOR 1.5, a java subprocess). Our own implementations below are the fallback where ``pycocoevalcap``
+is missing; they are kept because ``tests/examples/test_caption_scorer.py`` shows them equal to
+``pycocoevalcap`` (BLEU-1..4, ROUGE-L, CIDEr-D within 1e-9, in fact bit for bit, on 400 captions with
+1-5 references each). METEOR has no fallback.
 
     BLEU-N   corpus level: clipped n-gram precisions p_n summed over the corpus (with coco's
              1e-15 / 1e-9 smoothing), brevity penalty with the closest reference length,
@@ -20,25 +25,43 @@ pre-tokenised text):
     CIDEr-D  tf-idf n-gram vectors (n = 1..4, document frequency over the references of the
              evaluated set), clipped cosine with each reference times exp(-(l_c - l_r)^2 / (2 * 6^2)),
              mean over n and references, times 10; averaged over captions
-    METEOR   needs Java and the METEOR 1.5 jar: :func:`meteor` uses ``pycocoevalcap`` when it is
-             installed (``pip install --no-deps pycocoevalcap``), else raises ``RuntimeError``.
+    METEOR   :func:`meteor`: ``pycocoevalcap``'s METEOR 1.5 jar; needs a ``java`` on PATH. Without
+             Java or the package it raises :class:`MeteorUnavailableError` saying what is missing.
 
-Text is tokenised by lower-casing and keeping runs of letters, digits and apostrophes (coco uses
-the Stanford PTB tokenizer, which also drops punctuation).
+Text is tokenised by lower-casing and keeping runs of letters, digits and apostrophes, then joined by
+single spaces for every scorer. coco-caption's own pipeline runs the Stanford PTB tokenizer first (it
+also drops punctuation, and needs Java); nlg-eval, as UniVL uses it, does not tokenise. On captions of
+plain words all three give the same tokens.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import shutil
+import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["bleu", "caption_metrics", "cider_d", "meteor", "retrieval_metrics", "retrieval_ranks", "rouge_l"]
+__all__ = [
+    "MeteorUnavailableError",
+    "MeteorUnavailableWarning",
+    "bleu",
+    "caption_metrics",
+    "cider_d",
+    "coco_available",
+    "coco_scores",
+    "java_available",
+    "meteor",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "rouge_l",
+]
 
 
 def retrieval_ranks(sim: Tensor | np.ndarray, targets: Sequence[int] | None = None) -> np.ndarray:
@@ -198,30 +221,129 @@ def cider_d(cands: Sequence[str], refs: Sequence[Sequence[str]], n: int = 4, sig
     return float(np.mean(scores))
 
 
-def meteor(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """METEOR 1.5 through ``pycocoevalcap`` (needs the package and a ``java`` on PATH)."""
-    _check(cands, refs)
+class MeteorUnavailableError(RuntimeError):
+    """METEOR cannot be computed here: ``pycocoevalcap`` is not installed, ``java`` is not on PATH, or the
+    METEOR java process failed. The message says which."""
+
+
+class MeteorUnavailableWarning(UserWarning):
+    """``caption_metrics(with_meteor=None)`` left METEOR out because it cannot be computed here."""
+
+
+def coco_available() -> bool:
+    """Whether ``pycocoevalcap`` (the coco-caption scorers) is importable."""
+    return importlib.util.find_spec("pycocoevalcap") is not None
+
+
+def java_available() -> bool:
+    """Whether a ``java`` executable is on PATH (METEOR runs the METEOR 1.5 jar with it)."""
+    return shutil.which("java") is not None
+
+
+def _coco_inputs(c: list[list[str]], r: list[list[list[str]]]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """``(gts, res)`` in coco-caption's layout: ``{i: [reference, ...]}``, ``{i: [candidate]}``, space-joined tokens."""
+    gts = {i: [" ".join(w) for w in rws] for i, rws in enumerate(r)}
+    res = {i: [" ".join(cw)] for i, cw in enumerate(c)}
+    return gts, res
+
+
+def coco_scores(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """``{"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr"}`` from ``pycocoevalcap``'s ``Bleu(4)``, ``Rouge``, ``Cider``.
+
+    Same input checks and tokenisation as :func:`bleu`; raises ``RuntimeError`` when ``pycocoevalcap`` is
+    not installed. Pure Python (no Java).
+    """
+    c, r = _check(cands, refs)
     try:
-        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
     except ImportError as e:
-        raise RuntimeError(
-            "METEOR needs pycocoevalcap (pip install --no-deps pycocoevalcap) and Java; it is not installed"
-        ) from e
-    gts = {i: [" ".join(_tok(x)) for x in rs] for i, rs in enumerate(refs)}
-    res = {i: [" ".join(_tok(x))] for i, x in enumerate(cands)}
+        raise RuntimeError("pycocoevalcap is not installed (pip install pycocoevalcap; it is in the dev extra)") from e
+    gts, res = _coco_inputs(c, r)
+    b, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"BLEU-{k + 1}": float(b[k]) for k in range(4)}
+    out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def meteor(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
+    """Corpus METEOR 1.5 through ``pycocoevalcap`` (starts ``java -jar meteor-1.5.jar``; a few seconds).
+
+    Raises:
+        MeteorUnavailableError: ``pycocoevalcap`` missing, no ``java`` on PATH, or the java process
+            failed (its stderr is quoted). The METEOR process is always shut down.
+    """
+    c, r = _check(cands, refs)
+    if not coco_available():
+        raise MeteorUnavailableError(
+            "METEOR needs pycocoevalcap, which is not installed (pip install pycocoevalcap; it is in the dev extra)"
+        )
+    if not java_available():
+        raise MeteorUnavailableError(
+            "METEOR needs Java, but there is no `java` on PATH: install a Java runtime (Debian/Ubuntu, as root: "
+            "apt-get install default-jre-headless; scripts/venv.sh does this) or score without METEOR "
+            "(with_meteor=False)"
+        )
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    gts, res = _coco_inputs(c, r)
     try:
-        score, _ = Meteor().compute_score(gts, res)
-    except (OSError, FileNotFoundError) as e:
-        raise RuntimeError(f"METEOR could not start Java: {e}") from e
+        scorer = Meteor()
+    except OSError as e:
+        raise MeteorUnavailableError(f"METEOR could not start java: {e}") from e
+    proc = scorer.meteor_p
+    try:
+        score, _ = scorer.compute_score(gts, res)
+    except (OSError, ValueError) as e:  # java died: broken pipe, or an empty line where a number was due
+        proc.kill()
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        raise MeteorUnavailableError(
+            f"METEOR's java process failed ({type(e).__name__}: {e}); java said: {err[-800:] or '(nothing)'}"
+        ) from e
+    finally:
+        if scorer.lock.locked():  # compute_score holds it when it fails; Meteor.__del__ would wait forever
+            scorer.lock.release()
+        for fh in (proc.stdin, proc.stdout, proc.stderr):
+            if fh is not None:
+                fh.close()
+        proc.kill()
+        proc.wait()
     return float(score)
 
 
 def caption_metrics(
-    cands: Sequence[str], refs: Sequence[Sequence[str]], with_meteor: bool = False
-) -> Mapping[str, float]:
-    """``{"BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}`` (+ ``"METEOR"`` when asked), all in [0, 1] except CIDEr."""
-    b = bleu(cands, refs, 4)
-    out = {"BLEU-3": b[2], "BLEU-4": b[3], "ROUGE-L": rouge_l(cands, refs), "CIDEr": cider_d(cands, refs)}
-    if with_meteor:
+    cands: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    with_meteor: bool | None = False,
+    backend: str = "auto",
+) -> dict[str, float]:
+    """``{"BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}`` (+ ``"METEOR"``), all in [0, 1] except CIDEr (in [0, 10]).
+
+    Args:
+        cands: one generated caption per item; refs: its reference captions (a non-empty list each).
+        with_meteor: True: add METEOR (:func:`meteor`; raises :class:`MeteorUnavailableError` saying what is
+            missing); None: add it when it can be computed, else warn (:class:`MeteorUnavailableWarning`)
+            and leave it out; False: no METEOR.
+        backend: ``"auto"`` (``pycocoevalcap`` when installed, else ours), ``"pycocoevalcap"`` (required)
+            or ``"ours"`` (:func:`bleu`, :func:`rouge_l`, :func:`cider_d`; equal to ``pycocoevalcap``).
+    """
+    if backend not in ("auto", "pycocoevalcap", "ours"):
+        raise ValueError(f"backend must be 'auto', 'pycocoevalcap' or 'ours', got {backend!r}")
+    if with_meteor not in (True, False, None):
+        raise ValueError(f"with_meteor must be True, False or None, got {with_meteor!r}")
+    if backend == "pycocoevalcap" or (backend == "auto" and coco_available()):
+        s = coco_scores(cands, refs)
+        out = {k: s[k] for k in ("BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")}
+    else:
+        b = bleu(cands, refs, 4)
+        out = {"BLEU-3": b[2], "BLEU-4": b[3], "ROUGE-L": rouge_l(cands, refs), "CIDEr": cider_d(cands, refs)}
+    if with_meteor is None:
+        try:
+            out["METEOR"] = meteor(cands, refs)
+        except MeteorUnavailableError as e:
+            warnings.warn(f"METEOR left out: {e}", MeteorUnavailableWarning, stacklevel=2)
+    elif with_meteor:
         out["METEOR"] = meteor(cands, refs)
     return out
