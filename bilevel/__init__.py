@@ -12,8 +12,9 @@ Quick use::
     hg = solver.hypergrad(problem, params, hparams, inner_batch, outer_batch)
 
 Solvers: ``"itd"`` (:class:`ITD`), ``"aid-cg"`` (:class:`AIDCG`), ``"aid-fp"`` (:class:`AIDFP`),
-``"aid-fp-lite"`` (:class:`AIDFPLite`), ``"stocbio"`` (:class:`StocBiO`). The AID presets are one
-formula with a linear solve from :mod:`bilevel.linalg` (``cg``, ``neumann``, ``identity``);
+``"aid-fp-lite"`` (:class:`AIDFPLite`), ``"stocbio"`` (:class:`StocBiO`), ``"nystrom"`` (:class:`Nystrom`).
+The AID presets are one formula with a linear solve from :mod:`bilevel.linalg` (``cg``, ``neumann``,
+``nystrom``, ``identity``);
 :class:`AID` takes any. A caller's :class:`Linearization` of ``g`` (e.g. the one its inner step
 made) serves an AID hypergradient directly: ``solver.hypergrad_at(lin, outer_batch)``.
 """
@@ -23,7 +24,7 @@ from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDiv
 from .functional import FunctionalModule, functional_module, load_params
 from .problem import BilevelProblem
 from .products import Linearization
-from .solvers import AID, AIDCG, AIDFP, ITD, SOLVERS, AIDFPLite, HypergradInfo, Solver, StocBiO, get_solver
+from .solvers import AID, AIDCG, AIDFP, ITD, SOLVERS, AIDFPLite, HypergradInfo, Nystrom, Solver, StocBiO, get_solver
 from .training import BilevelTrainer, Callback, NonFiniteError, TrainerConfig, mtl_objective, single_task_objective
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "NeumannDivergenceError",
     "NeumannDivergenceWarning",
     "NonFiniteError",
+    "Nystrom",
     "Solver",
     "StocBiO",
     "TrainerConfig",

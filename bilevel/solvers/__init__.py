@@ -8,6 +8,7 @@ name            class                                          module
 ``"aid-fp"``    :class:`~bilevel.solvers.aid_fp.AIDFP`         ``bilevel/solvers/aid_fp.py``
 ``"aid-fp-lite"`` :class:`~bilevel.solvers.aid_fp_lite.AIDFPLite` ``bilevel/solvers/aid_fp_lite.py``
 ``"stocbio"``   :class:`~bilevel.solvers.stocbio.StocBiO`      ``bilevel/solvers/stocbio.py``
+``"nystrom"``   :class:`~bilevel.solvers.nystrom.Nystrom`      ``bilevel/solvers/nystrom.py``
 =============== ============================================== ===========================
 
 The AID presets are :class:`~bilevel.solvers.aid.AIDSolver` (the formula
@@ -26,6 +27,7 @@ from .aid_fp import AIDFP
 from .aid_fp_lite import AIDFPLite
 from .base import Call, HypergradInfo, Solver
 from .itd import ITD
+from .nystrom import Nystrom
 from .stocbio import StocBiO
 
 __all__ = [
@@ -38,16 +40,17 @@ __all__ = [
     "AIDSolver",
     "Call",
     "HypergradInfo",
+    "Nystrom",
     "Solver",
     "StocBiO",
     "get_solver",
 ]
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (ITD, AIDCG, AIDFP, AIDFPLite, StocBiO)}
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (ITD, AIDCG, AIDFP, AIDFPLite, StocBiO, Nystrom)}
 
 
 def get_solver(name: str, **options: Any) -> Solver:
-    """Build a solver by name: ``"itd"``, ``"aid-cg"``, ``"aid-fp"``, ``"aid-fp-lite"``, ``"stocbio"``.
+    """Build a solver by name: ``"itd"``, ``"aid-cg"``, ``"aid-fp"``, ``"aid-fp-lite"``, ``"stocbio"``, ``"nystrom"``.
 
     ``options`` are the solver's fields (e.g. ``get_solver("aid-cg", iters=20, tol=1e-10)``).
     Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown option, listing
@@ -58,7 +61,7 @@ def get_solver(name: str, **options: Any) -> Solver:
         >>> bl.get_solver("aid-cg", iters=20, tol=1e-10)
         AIDCG(iters=20, tol=1e-10, on_negative_curvature='warn', hvp='autograd', mixed='autograd', fd_radius=0.01)
         >>> sorted(bl.SOLVERS)
-        ['aid-cg', 'aid-fp', 'aid-fp-lite', 'itd', 'stocbio']
+        ['aid-cg', 'aid-fp', 'aid-fp-lite', 'itd', 'nystrom', 'stocbio']
         >>> bl.get_solver("aid-cg", steps=5)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...

@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 
 from .._checks import check_choice, check_positive
 from .._tree import Tree, tree_sub
-from ..linalg import LinearSolve, MatVec
+from ..linalg import LinearSolve, MatVec, accepts_warm_start
 from ..problem import BilevelProblem
 from ..products import HVP_MODES, MIXED_MODES, HVPMode, Linearization, MixedMode, Reduce, outer_gradients
 from .base import Call, HypergradInfo, Solver
@@ -44,6 +44,11 @@ class AIDSolver(Solver):
         check_positive("fd_radius", self.fd_radius)
         self.linear_solve()  # the factory validates the solve's options
 
+    @property
+    def supports_warm_start(self) -> bool:
+        """Whether :meth:`linear_solve` takes a warm start ``x0`` (CG and Neumann do)."""
+        return accepts_warm_start(self.linear_solve())
+
     def linearize(
         self, problem: BilevelProblem, params: Tree, hparams: Tree, batch: Any, reduce: Reduce | None = None
     ) -> Linearization:
@@ -67,13 +72,16 @@ class AIDSolver(Solver):
         return self._implicit(lin, outer, call)
 
     def _implicit(self, lin: Linearization, outer: tuple[Any, Tree, Tree], call: Call) -> Tree:
-        """``grad_phi f - J solve(H, grad_theta f)`` from ``outer = (f, grad_theta f, grad_phi f)``."""
+        """``grad_phi f - J solve(H, grad_theta f)`` from ``outer = (f, grad_theta f, grad_phi f)``; the solve
+        starts from ``call.v0`` when given. ``call.info.v`` is set to ``v``."""
         f_val, f_theta, f_phi = outer
+        solve, warm = self.linear_solve(), {} if call.v0 is None else {"x0": call.v0}
         with call.stage("solve"):
-            v, result = self.linear_solve()(self.matvec(lin, call), f_theta)
+            v, result = solve(self.matvec(lin, call), f_theta, **warm)
         with call.stage("mixed"):
             jv = lin.mixed(v)
         call.info.record_solve(result)
+        call.info.v = {k: t.detach() for k, t in v.items()}
         call.info.inner_value, call.info.outer_value = float(lin.value), float(f_val)
         return tree_sub(f_phi, jv)
 
@@ -85,6 +93,7 @@ class AIDSolver(Solver):
         *,
         return_info: Literal[False] = False,
         hvp_batches: Iterator[Any] | None = None,
+        v0: Tree | None = None,
     ) -> Tree: ...
 
     @overload
@@ -95,6 +104,7 @@ class AIDSolver(Solver):
         *,
         return_info: Literal[True],
         hvp_batches: Iterator[Any] | None = None,
+        v0: Tree | None = None,
     ) -> tuple[Tree, HypergradInfo]: ...
 
     def hypergrad_at(
@@ -104,12 +114,13 @@ class AIDSolver(Solver):
         *,
         return_info: bool = False,
         hvp_batches: Iterator[Any] | None = None,
+        v0: Tree | None = None,
     ) -> Tree | tuple[Tree, HypergradInfo]:
         """The hypergradient at a caller's linearisation of ``g``: ``grad_phi f - J solve(H, grad_theta f)``
         with ``H``, ``J``, the point ``(params, hparams)``, the HVP mode and ``reduce`` all taken from
         ``lin`` (e.g. the training loop's inner step, whose ``grad_theta g`` also makes the inner
         update). Equal to :meth:`hypergrad` at ``lin``'s point and batch, without its ``"linearize"``
-        stage (one forward and backward pass of ``g``).
+        stage (one forward and backward pass of ``g``). ``v0``: a warm start, as in :meth:`hypergrad`.
 
         Raises ``TypeError`` when ``lin`` is not a :class:`~bilevel.products.Linearization` and
         ``ValueError`` when its ``params`` / ``hparams`` were updated in place after it was built
@@ -121,7 +132,7 @@ class AIDSolver(Solver):
         if stale:
             raise ValueError(f"{self.name}: the linearisation is stale: {stale[:3]} were updated in place after it")
         first = next(iter(lin.params.values()))
-        call = self._call(first.device, lin.reduce, hvp_batches)
+        call = self._call(first.device, lin.reduce, hvp_batches, v0)
 
         def compute() -> Tree:
             with call.stage("grad_outer"):

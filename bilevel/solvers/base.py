@@ -11,8 +11,8 @@ The AID solvers (:mod:`bilevel.solvers.aid`) differ only in the linear solve tha
 ``v = H^{-1} grad_theta f``; ITD differentiates through unrolled inner steps instead.
 Solvers never read or write ``.grad`` and never modify their inputs: ``params`` and
 ``hparams`` are detached on entry and the result carries no autograd history. A solver holds
-only its options; what belongs to one call (``reduce``, fresh HVP batches, the diagnostics) travels
-in a :class:`Call`.
+only its options; what belongs to one call (``reduce``, fresh HVP batches, a warm start ``v0``, the
+diagnostics) travels in a :class:`Call`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ class HypergradInfo:
         converged: CG met its tolerance (None where the solver has no stopping test).
         negative_curvature: CG met ``p^T H p <= 0``.
         diverged: the Neumann series grew (see :func:`bilevel.linalg.neumann_series`).
-        n_hvp: Hessian-vector products evaluated.
+        n_hvp: Hessian-vector products evaluated (with a warm start, one more than ``iters``: ``H v0``).
         inner_value, outer_value: ``g`` and ``f`` at the given point (ITD: ``f`` after unrolling).
         times: wall-clock seconds per stage and ``"total"`` (CUDA is synchronised per stage).
+        v: the AID solvers' final ``v ~ H^{-1} grad_theta f`` (a detached tree like ``params``), e.g. the
+            warm start ``v0`` of the next call; None for ITD.
+        warm_start: the call started its linear solve from a given ``v0``.
     """
 
     solver: str
@@ -62,12 +65,15 @@ class HypergradInfo:
     inner_value: float | None = None
     outer_value: float | None = None
     times: dict[str, float] = field(default_factory=dict)
+    v: Tree | None = field(default=None, repr=False)
+    warm_start: bool = False
 
     def record_solve(self, res: SolveResult) -> None:
-        """Copy a linear solve's result; every iteration of CG and Neumann is one product."""
+        """Copy a linear solve's result; every iteration of CG and Neumann is one product (Nyström: its
+        ``rank`` products), and a warm start one more."""
         self.iters, self.residuals, self.converged = res.iters, res.residuals, res.converged
         self.negative_curvature, self.diverged = res.negative_curvature, res.diverged
-        self.n_hvp += res.iters
+        self.n_hvp += res.iters + res.warm_hvp
 
 
 @dataclass
@@ -79,12 +85,14 @@ class Call:
         reduce: the all-reduce mean over data-parallel ranks, or None.
         hvp_batches: fresh inner batches for solvers that draw one per product (StocBiO), or None.
         sync: synchronise CUDA at the end of every stage (stage timings are then device times).
+        v0: the warm start of the linear solve (an initial guess of ``v``, a tree like ``params``), or None.
     """
 
     info: HypergradInfo
     reduce: Reduce | None = None
     hvp_batches: Iterator[Any] | None = None
     sync: bool = False
+    v0: Tree | None = None
 
     @contextmanager
     def stage(self, key: str) -> Iterator[None]:
@@ -106,6 +114,12 @@ class Solver(ABC):
     name: ClassVar[str]
     draws_hvp_batches: ClassVar[bool] = False
 
+    @property
+    def supports_warm_start(self) -> bool:
+        """Whether a call takes ``v0=`` (a warm start of its linear solve): the AID solvers whose linear
+        solve is iterative (CG, Neumann: AID-CG, AID-FP, StocBiO); not ITD, AID-FP-Lite or Nyström."""
+        return False
+
     @overload
     def hypergrad(
         self,
@@ -118,6 +132,7 @@ class Solver(ABC):
         return_info: Literal[False] = False,
         reduce: Reduce | None = None,
         hvp_batches: Iterator[Any] | None = None,
+        v0: Tree | None = None,
     ) -> Tree: ...
 
     @overload
@@ -132,6 +147,7 @@ class Solver(ABC):
         return_info: Literal[True],
         reduce: Reduce | None = None,
         hvp_batches: Iterator[Any] | None = None,
+        v0: Tree | None = None,
     ) -> tuple[Tree, HypergradInfo]: ...
 
     def hypergrad(
@@ -145,6 +161,7 @@ class Solver(ABC):
         return_info: bool = False,
         reduce: Reduce | None = None,
         hvp_batches: Iterator[Any] | None = None,
+        v0: Tree | None = None,
     ) -> Tree | tuple[Tree, HypergradInfo]:
         """Estimate ``dF/dhparams`` at ``(params, hparams)``.
 
@@ -163,6 +180,10 @@ class Solver(ABC):
             hvp_batches: for solvers with ``draws_hvp_batches`` (StocBiO): an iterator of inner
                 batches, one drawn per product, for this call (it replaces the solver's own
                 ``batches``).
+            v0: a warm start for solvers with ``supports_warm_start``: an initial guess of
+                ``v ~ H^{-1} grad_theta f`` (a tree like ``params``, e.g. the ``info.v`` of a previous call at
+                a nearby point), from which the linear solve starts (:func:`bilevel.linalg.conjugate_gradient`,
+                :func:`bilevel.linalg.neumann_series`); one more product.
 
         Returns:
             a dict with the keys, shapes, dtype and device of ``hparams``, without autograd history.
@@ -170,23 +191,31 @@ class Solver(ABC):
         Raises:
             TypeError / ValueError: malformed or empty dicts, mixed dtypes or devices, an objective
                 that does not return a 0-dim floating tensor, ``hvp_batches`` for a solver that draws
-                none.
+                none, ``v0`` for a solver without ``supports_warm_start`` or not shaped like ``params``.
             FloatingPointError: a non-finite objective or hypergradient.
         """
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
         _, device = check_trees(params, hparams)
-        call = self._call(device, reduce, hvp_batches)
+        call = self._call(device, reduce, hvp_batches, v0)
         return self._finish(
             call,
             lambda: self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, call),
             return_info,
         )
 
-    def _call(self, device: torch.device, reduce: Reduce | None, hvp_batches: Iterator[Any] | None) -> Call:
+    def _call(
+        self, device: torch.device, reduce: Reduce | None, hvp_batches: Iterator[Any] | None, v0: Tree | None = None
+    ) -> Call:
         if hvp_batches is not None and not self.draws_hvp_batches:
             raise ValueError(f"{self.name}: hvp_batches= is for solvers that draw fresh HVP batches (stocbio)")
-        return Call(HypergradInfo(solver=self.name), reduce, hvp_batches, sync=device.type == "cuda")
+        if v0 is not None and not self.supports_warm_start:
+            raise ValueError(
+                f"{self.name}: v0= (a warm start) needs an iterative linear solve (aid-cg, aid-fp, stocbio, or AID "
+                f"with bilevel.linalg.cg / neumann); {type(self).__name__} has none to start"
+            )
+        info = HypergradInfo(solver=self.name, warm_start=v0 is not None)
+        return Call(info, reduce, hvp_batches, sync=device.type == "cuda", v0=v0)
 
     def _finish(self, call: Call, compute: Callable[[], Tree], return_info: bool) -> Tree | tuple[Tree, HypergradInfo]:
         """Run ``compute`` timed, with the math attention kernel, and check that its result is finite."""
