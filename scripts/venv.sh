@@ -16,7 +16,7 @@ if ! command -v java >/dev/null 2>&1; then
   echo "venv.sh: java not found; installing default-jre-headless with apt-get (needed for METEOR)" >&2
   if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       default-jre-headless; } >/tmp/venv-java-install.log 2>&1; then
-    echo "venv.sh: could not install Java (apt-get failed, see /tmp/venv-java-install.log; root needed)." >&2
+    echo "venv.sh: could not install Java: apt-get failed or is missing (it needs root; see /tmp/venv-java-install.log)." >&2
     echo "venv.sh: the METEOR tests will be skipped and caption_metrics(with_meteor=True) will raise." >&2
   fi
 fi
