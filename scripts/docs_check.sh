@@ -17,7 +17,9 @@ OUT="${1:-$(mktemp -d /tmp/docs_check.XXXXXX)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
-NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --quiet --site-dir "$OUT/site"
+# (not --quiet: it hides the warnings that --strict counts, and the build would pass with them)
+NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --site-dir "$OUT/site" >"$OUT/mkdocs.log" 2>&1 \
+  || { cat "$OUT/mkdocs.log" >&2; echo "docs_check: mkdocs build --strict FAILED" >&2; exit 1; }
 HTML="$OUT/site/$PAGE/index.html"
 "$PY" - "$HTML" <<'EOF'
 import re, sys

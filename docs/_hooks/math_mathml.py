@@ -58,7 +58,8 @@ REWRITES = [  # (pattern, replacement) applied to the TeX before latex2mathml se
 ALIASED_ENVS = {"aligned": "align*"}  # same layout inside display math; latex2mathml lacks "aligned"
 ARITY = {"mfrac": 2, "mroot": 2, "msub": 2, "msup": 2, "munder": 2, "mover": 2, "msubsup": 3, "munderover": 3}
 MATHML_NS = "{http://www.w3.org/1998/Math/MathML}"
-# operators that take their subscript below in display math (LaTeX's \lim family); latex2mathml does \sum only
+# operators that take their subscript below in display math (LaTeX's \lim family, and \operatorname* ones,
+# which latex2mathml marks movablelimits); latex2mathml does it for \sum only
 LIMIT_OPERATORS = {"lim", "liminf", "limsup", "sup", "inf", "max", "min", "det", "gcd", "Pr"}
 
 # Formulas of the markdown source that the markdown parser does not hand to arithmatex, so they never become
@@ -133,7 +134,7 @@ def to_mathml(tex: str, display: str = "inline") -> str:
     if display == "block":  # \min_\phi: limits below, as LaTeX sets them in display math
         for el in root.iter():
             if el.tag in (MATHML_NS + "msub", MATHML_NS + "msubsup") and len(el) and el[0].tag == MATHML_NS + "mo":
-                if (el[0].text or "").strip() in LIMIT_OPERATORS:
+                if (el[0].text or "").strip() in LIMIT_OPERATORS or el[0].get("movablelimits") == "true":
                     el.tag = MATHML_NS + ("munder" if el.tag == MATHML_NS + "msub" else "munderover")
     for el in root.iter(MATHML_NS + "mo"):  # \big\langle: latex2mathml keeps a sized delimiter's command name
         code = convert_symbol(el.text.strip()) if el.text and el.text.strip().startswith("\\") else None
