@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +88,23 @@ def run_comparison(
     epochs: int,
     data_seed: int = 0,
     progress: bool = True,
+    data: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Search each row's learning rate on val (search seed), run every seed, compare; the JSON-ready record.
 
-    ``overrides`` are further :class:`~examples.meltr_sentiment.finetune.SentimentConfig` fields for every run
-    (tests use them to shrink the model).
+    ``data``: the splits (default :func:`~examples.meltr_sentiment.finetune.latent_splits` ``(data_seed)``);
+    ``overrides``: further :class:`~examples.meltr_sentiment.finetune.SentimentConfig` fields for every run
+    (tests use both to shrink the comparison).
     """
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {unknown}; rows are {list(ROWS)}")
-    data = latent_splits(data_seed)
-    t0 = time.perf_counter()
+    if not seeds or not lr_grid:
+        raise ValueError(f"seeds and lr_grid must not be empty, got {list(seeds)} and {list(lr_grid)}")
+    if data is None:
+        data = latent_splits(data_seed)
+    t0, c0 = time.perf_counter(), time.process_time()
     record: dict[str, Any] = {
         "data_seed": data_seed,
         "sizes": {k: len(v) for k, v in data.items()},
@@ -107,6 +113,9 @@ def run_comparison(
         "search_seed": SEARCH_SEED,
         "epochs": epochs,
         "overrides": overrides,
+        "base": asdict(SentimentConfig(**{**overrides, "method": "meltr"})),
+        "dims": dict(data["train"].dims),
+        "seq_len": int(data["train"].text.shape[1]),
         "rows": {},
     }
     n_runs = len(rows) * ((len(lr_grid) if len(lr_grid) > 1 else 0) + len(seeds))
@@ -128,7 +137,7 @@ def run_comparison(
             row["lr"] = lr_grid[0]
         for seed in seeds:
             res = train_method(cfg(seed, row["lr"]), data)
-            keep = ("best_epoch", "best_val", "test", "seconds", "steps", "hyper_steps")
+            keep = ("best_epoch", "best_val", "test", "seconds", "cpu_seconds", "steps", "hyper_steps")
             row["runs"].append({k: res[k] for k in keep})
             row["runs"][-1]["seed"] = seed
             weights = [h["meltr_weights"] for h in res["history"] if "meltr_weights" in h]
@@ -150,6 +159,7 @@ def run_comparison(
                 for key, _, low, _ in METRICS
             }
     record["seconds"] = time.perf_counter() - t0
+    record["cpu_seconds"] = time.process_time() - c0
     return record
 
 
@@ -194,7 +204,7 @@ def reading(rec: Mapping[str, Any]) -> str:
 def markdown(rec: Mapping[str, Any], cmd: str, machine: str) -> str:
     """The section: command, machine, tables of test metrics and paired differences, protocol, reading."""
     head = "| Row | lr | " + " | ".join(f"test {name}" for _, name, _, _ in METRICS)
-    head += " | val MAE | epoch | train s / run |"
+    head += " | val MAE | epoch | train s / run (CPU s) |"
     lines = [f"Command: `{cmd}`  ", f"{machine}", "", head, "|---" * (len(METRICS) + 5) + "|"]
     for label, row in rec["rows"].items():
         runs = row["runs"]
@@ -202,7 +212,8 @@ def markdown(rec: Mapping[str, Any], cmd: str, machine: str) -> str:
         val = _ms([r["best_val"]["mae"] for r in runs], 1.0, 3)
         ep = "/".join(str(r["best_epoch"]) for r in runs)
         sec = statistics.median(r["seconds"] for r in runs)
-        lines.append(f"| {label} | {row['lr']:g} | {cols} | {val} | {ep} | {sec:.1f} |")
+        cpu = statistics.median(r["cpu_seconds"] for r in runs)
+        lines.append(f"| {label} | {row['lr']:g} | {cols} | {val} | {ep} | {sec:.1f} ({cpu:.1f}) |")
     for ref, name in (("mtl", "MTL"), ("single", "single")):
         if not any(f"vs_{ref}" in row for row in rec["rows"].values()):
             continue
@@ -219,20 +230,22 @@ def markdown(rec: Mapping[str, Any], cmd: str, machine: str) -> str:
                 continue
             p = row[f"vs_{ref}"]
             lines.append(f"| {label} | " + " | ".join(_pd(p[k], f, _digits(f)) for k, _, _, f in METRICS) + " |")
-    sizes = rec["sizes"]
+    sizes, b, d = rec["sizes"], rec["base"], rec["dims"]
     lines += [
         "",
         f"Data: the latent-factor CMU-MOSI-format file (`examples/meltr_sentiment/synthetic.py`, data seed "
         f"{rec['data_seed']}): train {sizes['train']}, meta {sizes['meta']} (MELTR's outer batches; `mtl+meta` trains "
-        f"on it), val {sizes['val']}, test {sizes['test']} segments of up to 16 aligned timesteps, widths 300 / 20 / 5."
-        " "
-        f"Model: `MultiTaskSentiment` (hidden 32, one unimodal layer per modality and one cross layer) with 8 losses, "
-        f"primary `sentiment` (L1) and the auxiliaries `uni_text`, `uni_vision`, `uni_audio`, `align`, `recon_text`, "
-        f"`recon_vision`, `recon_audio`. Seeds {rec['seeds']} (paired: same initialisation, data order and masks per "
-        f"seed); learning rate per row chosen on val MAE from {rec['lr_grid']} with search seed {rec['search_seed']}; "
-        f"{rec['epochs']} epochs, the epoch with the lowest val MAE tested once. MELTR: K = 3, gamma = 0.1, meta lr "
-        f"1e-3, started from a module pre-fitted to the sum of the losses. Acc-2 and F1 exclude zero labels (MulT's "
-        f"`exclude_zero=True`). {rec['seconds'] / 60:.1f} min in all.",
+        f"on it), val {sizes['val']}, test {sizes['test']} segments of up to {rec['seq_len']} aligned timesteps, "
+        f"widths {d['text']} / {d['vision']} / {d['audio']}. Model: `MultiTaskSentiment` (hidden {b['hidden']}, one "
+        f"unimodal layer per modality and one cross layer) with 8 losses: primary `sentiment` ({b['loss']}) and the "
+        "auxiliaries `uni_text`, `uni_vision`, `uni_audio`, `align`, `recon_text`, `recon_vision`, `recon_audio`. "
+        f"Seeds {rec['seeds']} (paired: same initialisation, data order and masks per seed); learning rate per row "
+        f"chosen on val MAE from {rec['lr_grid']} with search seed {rec['search_seed']}; {rec['epochs']} epochs, "
+        f"batch {b['batch_size']}, the epoch with the lowest val MAE tested once. MELTR: K = {b['K']}, gamma = "
+        f"{b['gamma']}, meta lr {b['meta_lr']:g}, started from a module pre-fitted to the sum of the losses. Acc-2 and "
+        f"F1 exclude zero labels (MulT's `exclude_zero=True`). {rec['seconds'] / 60:.1f} min wall-clock in all, "
+        f"{rec['cpu_seconds'] / 60:.1f} min of process CPU time (one thread; the wall-clock time includes the wait "
+        "for a core on a shared machine, the CPU time does not).",
     ]
     if rec.get("overrides"):
         lines += ["", f"Config overrides: {rec['overrides']}."]

@@ -427,3 +427,224 @@ def test_demo_cli_module_entry_point_learns():
     line = next(x for x in proc.stdout.splitlines() if x.startswith("test:"))
     vals = dict(kv.split("=") for kv in line.split()[1:])
     assert float(vals["mae"]) < 1.3 and float(vals["corr"]) > 0.5, line
+
+
+# ------------------------------------------------------------------- MELTR fine-tuning (latent data)
+
+from examples.meltr_sentiment.finetune import (  # noqa: E402
+    SentimentConfig,
+    latent_splits,
+    prefit_meltr_state,
+    sentiment_splits,
+    train_method,
+)
+from examples.meltr_sentiment.multitask import LOSS_NAMES, MaskingCollate, MultiTaskSentiment  # noqa: E402
+from examples.meltr_sentiment.results import ROWS, paired_difference, run_comparison  # noqa: E402
+from examples.meltr_sentiment.results import main as results_main  # noqa: E402
+from examples.meltr_sentiment.synthetic import latent_mosi_arrays, make_latent_mosi  # noqa: E402
+
+TINY_SIZES = {"train": 40, "valid": 16, "test": 16}
+TINY_KW = {"sizes": TINY_SIZES, "seq_len": 6, "dims": (12, 6, 4), "n_neg_inf": 3}
+TINY_MODEL = {"hidden": 8, "heads": 2, "ff": 16, "batch_size": 8, "meltr_hidden": 8, "meltr_d": 8, "meltr_ff": 16}
+TINY_MODEL |= {"meltr_heads": 2, "meltr_prefit_steps": 20}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return latent_splits(3, meta_size=8, **TINY_KW)
+
+
+def test_latent_data_is_a_function_of_its_seed(tmp_path):
+    a, b, c = (latent_mosi_arrays(s, **TINY_KW) for s in (5, 5, 6))
+    for split in SPLITS:
+        for k in (*MODALITIES, "labels", "sentiment"):
+            np.testing.assert_array_equal(a[split][k], b[split][k])
+        assert not np.array_equal(a[split]["text"], c[split]["text"])
+        assert np.isneginf(a[split]["audio"]).sum() == 3
+        y = a[split]["labels"].reshape(-1)
+        np.testing.assert_allclose(y * 3, np.round(y * 3), atol=1e-5)
+        assert np.abs(y).max() <= 3
+    # the label follows the latent sentiment, which every modality sees: a least-squares read-out of s from
+    # each modality's mean features (fitted on train) correlates with s on test
+    big = latent_mosi_arrays(0, sizes={"train": 400, "valid": 8, "test": 200})
+    s_tr, s_te = big["train"]["sentiment"], big["test"]["sentiment"]
+    assert np.corrcoef(s_tr, big["train"]["labels"].reshape(-1))[0, 1] > 0.9
+    for m in MODALITIES:
+        x_tr, x_te = (np.nan_to_num(big[s][m], neginf=0.0).mean(1) for s in ("train", "test"))
+        w, *_ = np.linalg.lstsq(np.c_[x_tr, np.ones(len(x_tr))], s_tr, rcond=None)
+        r = np.corrcoef(np.c_[x_te, np.ones(len(x_te))] @ w, s_te)[0, 1]
+        assert r > 0.3, (m, r)
+    # the written file is the MOSI format the loader reads, minus the latent
+    splits = load_mosi(make_latent_mosi(tmp_path / "latent.pkl", 5, **TINY_KW))
+    np.testing.assert_array_equal(splits.valid.labels.numpy(), a["valid"]["labels"].reshape(-1))
+    assert "sentiment" not in safe_load_pickle(tmp_path / "latent.pkl")["train"]
+    with pytest.raises(ValueError, match="seq_len"):
+        latent_mosi_arrays(0, seq_len=1)
+    with pytest.raises(ValueError, match="missing"):
+        latent_mosi_arrays(0, sizes={"train": 4})
+
+
+def test_splits_are_disjoint_and_cover_the_file(tmp_path):
+    splits = load_mosi(make_latent_mosi(tmp_path / "latent.pkl", 1, **TINY_KW))
+    data = sentiment_splits(splits, meta_size=8, split_seed=2)
+    train, meta = set(data["train"].ids), set(data["meta"].ids)
+    assert len(meta) == 8 and len(train) == 32 and not train & meta
+    assert train | meta == set(splits.train.ids)
+    assert data["val"] is splits.valid and data["test"] is splits.test
+    by_id = dict(zip(splits.train.ids, splits.train.labels.tolist(), strict=True))
+    assert data["meta"].labels.tolist() == [by_id[i] for i in data["meta"].ids]
+    assert sentiment_splits(splits, 8, split_seed=3)["meta"].ids != data["meta"].ids
+    for bad in (0, 40, 2.5):
+        with pytest.raises(ValueError, match="meta_size"):
+            sentiment_splits(splits, bad)
+
+
+def test_masking_collate_and_multitask_losses(tiny):
+    items = [tiny["train"][i] for i in range(6)]
+    b1 = MaskingCollate(torch.Generator().manual_seed(0), rate=0.25)(items)
+    b2 = MaskingCollate(torch.Generator().manual_seed(0), rate=0.25)(items)
+    for m in MODALITIES:
+        torch.testing.assert_close(b1[f"{m}_recon"], b2[f"{m}_recon"], rtol=0, atol=0)
+        real, recon = b1[f"{m}_mask"], b1[f"{m}_recon"]
+        assert not (recon & ~real).any()
+        want = [max(1, round(0.25 * int(n))) for n in real.sum(1)]
+        assert recon.sum(1).tolist() == want
+    torch.manual_seed(0)
+    model = MultiTaskSentiment.for_dims(tiny["train"].dims, hidden=8, heads=2, ff=16)
+    out = model(b1)
+    assert tuple(out) == LOSS_NAMES and all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["sentiment"], (model.predict(b1) - b1["label"]).abs().mean())
+    assert tuple(model(b1, losses=("recon_audio", "sentiment"))) == ("recon_audio", "sentiment")
+    with pytest.raises(ValueError, match="unknown loss"):
+        model(b1, losses=("mlm",))
+    with pytest.raises(KeyError, match="text_recon"):
+        model({k: v for k, v in b1.items() if k != "text_recon"}, losses=("recon_text",))
+    # the masked pass never sees a masked timestep's features: changing them changes nothing but the target
+    changed = dict(b1)
+    changed["vision"] = torch.where(b1["vision_recon"].unsqueeze(-1), torch.randn_like(b1["vision"]), b1["vision"])
+    torch.testing.assert_close(model._encode(changed, masked=True)["H"], model._encode(b1, masked=True)["H"])
+    assert not torch.allclose(model._encode(changed, masked=False)["H"], model._encode(b1, masked=False)["H"])
+    # trailing padding changes no prediction
+    padded = dict(b1)
+    for m in MODALITIES:
+        padded[m] = torch.cat([b1[m], torch.zeros(6, 2, b1[m].shape[-1])], dim=1)
+        padded[f"{m}_mask"] = torch.cat([b1[f"{m}_mask"], torch.zeros(6, 2, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model.predict(padded), model.predict(b1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [ROWS["single"], ROWS["mtl"], ROWS["mtl+meta"], ROWS["MELTR AID-FP-Lite"], ROWS["MELTR AID-CG"]],
+    ids=list(ROWS),
+)
+def test_each_method_trains_through_the_trainer(tiny, over):
+    cfg = SentimentConfig(**over, **TINY_MODEL, epochs=2, K=1, seed=4)
+    res = train_method(cfg, tiny, max_steps=3)
+    assert res["steps"] == 3 and len(res["history"]) == 1  # 4 batches per epoch: stopped inside epoch 1
+    assert res["hyper_steps"] == (3 if over["method"] == "meltr" else 0)
+    assert res["best_epoch"] == 1 and np.isfinite(res["test"]["mae"]) and np.isfinite(res["best_val"]["mae"])
+    if over["method"] == "meltr":
+        w = res["history"][0]["meltr_weights"]
+        assert list(w) == list(LOSS_NAMES) and all(np.isfinite(v) for v in w.values())
+    else:
+        assert "meltr_weights" not in res["history"][0]
+    again = train_method(cfg, tiny, max_steps=3)  # deterministic: same init, order, masks
+    assert again["best_val"] == res["best_val"] and again["test"] == res["test"]
+
+
+def _sum_fit(meltr, lv):
+    from examples.meltr_video.meltr import loss_gradient
+
+    with torch.no_grad():
+        out = float(meltr(lv))
+    return loss_gradient(meltr, lv), out
+
+
+def test_prefit_meltr_state_is_cached_and_fits_towards_the_sum():
+    from examples.meltr_video.meltr import MELTR
+
+    lv = 5.0 * torch.rand(64, 8, generator=torch.Generator().manual_seed(9)) * torch.rand(64, 1)
+    meltr = MELTR(LOSS_NAMES, hidden=8, d_model=8, ff=16, nhead=2)
+    meltr.load_state_dict(prefit_meltr_state(8, 8, 16, 2, steps=0))
+    before = (meltr(lv) - lv.sum(-1)).pow(2).mean()
+    state = prefit_meltr_state(8, 8, 16, 2, steps=100)
+    meltr.load_state_dict(state)
+    after = (meltr(lv) - lv.sum(-1)).pow(2).mean()
+    assert after < 0.7 * before, (before, after)
+    state["head.weight"].zero_()  # a copy: the cache is untouched
+    again = prefit_meltr_state(8, 8, 16, 2, steps=100)
+    assert again["head.weight"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_prefit_meltr_default_starts_as_the_sum():
+    """The module every MELTR run starts from: d L_aux / d L_t within 0.35 of 1 near the losses of a run."""
+    from examples.meltr_video.meltr import MELTR
+
+    meltr = MELTR(LOSS_NAMES, hidden=32, d_model=32, ff=64, nhead=4)
+    meltr.load_state_dict(prefit_meltr_state())
+    for point in ([0.3, 0.3, 0.4, 0.5, 1.0, 0.5, 0.5, 0.5], [1.1, 1.1, 1.1, 1.1, 4.2, 1.0, 1.0, 1.0]):
+        w, out = _sum_fit(meltr, torch.tensor(point))
+        assert ((w - 1).abs() < 0.35).all() and abs(out - sum(point)) < 0.1 * sum(point), (point, w, out)
+
+
+def test_config_refuses_bad_values():
+    for kw, match in [
+        ({"method": "sum"}, "method"),
+        ({"solver": "itd"}, "solver"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"gamma": float("nan")}, "gamma"),
+        ({"mask_rate": 0.0}, "mask_rate"),
+        ({"method": "meltr", "train_on_meta": True}, "train_on_meta"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SentimentConfig(**kw)
+
+
+def test_paired_difference_and_a_tiny_comparison(tiny):
+    p = paired_difference([0.5, 0.7, 0.9], [0.6, 0.6, 1.0], lower_is_better=True)
+    assert p["mean"] == pytest.approx(-1 / 30) and p["wins"] == 2 and p["n"] == 3
+    assert paired_difference([1.0, 2.0], [0.0, 3.0], lower_is_better=False)["wins"] == 1
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1.0], [1.0, 2.0], True)
+    rows = ["single", "mtl", "MELTR AID-FP-Lite"]
+    rec = run_comparison(rows, [0, 1], [3e-3, 1e-2], 1, data=tiny, progress=False, **TINY_MODEL)
+    assert list(rec["rows"]) == rows
+    for row in rec["rows"].values():
+        assert row["lr"] in (3e-3, 1e-2) and len(row["runs"]) == 2 and set(row["search"]) == {"0.003", "0.01"}
+        best = min(row["search"].values(), key=lambda s: s["best_val"]["mae"])
+        assert row["search"][f"{row['lr']:g}"] is best
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+    mtl = rec["rows"]["mtl"]
+    assert mtl["vs_mtl"]["mae"] == {"mean": 0.0, "std": 0.0, "wins": 0, "n": 2}
+    lite = rec["rows"]["MELTR AID-FP-Lite"]
+    d = [a["test"]["corr"] - b["test"]["corr"] for a, b in zip(lite["runs"], mtl["runs"], strict=True)]
+    assert lite["vs_mtl"]["corr"]["mean"] == pytest.approx(np.mean(d))
+    from examples.meltr_sentiment.results import markdown
+
+    text = markdown(rec, "python -m examples.meltr_sentiment.results", "test machine")
+    assert "| MELTR AID-FP-Lite |" in text and "Paired difference to MTL" in text and "widths 12 / 6 / 4" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0"], "N >= 1"),
+        (["--seeds", "a,b"], "expected N"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--lr-grid", "x"], "not a number"),
+        (["--lr-grid", "0,1e-3"], "finite and > 0"),
+        (["--lr-grid", "1e-3,1e-3"], "repeats"),
+        (["--rows", "single,nope"], "distinct rows"),
+        (["--rows", "mtl,mtl"], "distinct rows"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--data-seed", "-1"], "--data-seed must be >= 0"),
+        (["--seeds", "999-1000"], "search seed"),
+        (["--epochs", "two"], "invalid int"),
+    ],
+)
+def test_results_cli_refuses_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        results_main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
