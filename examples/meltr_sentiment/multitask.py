@@ -2,11 +2,14 @@
 
 Why these auxiliary losses
 --------------------------
-The paper fine-tunes UniVL on CMU-MOSI with the sentiment regression as primary loss and UniVL's pretext
-losses as auxiliaries (supplement A.1: the same eight as for the other UniVL tasks): masked language and
-masked frame modelling, text-video alignment / joint losses, caption decoding. MOSI has no captions and
-its features are continuous (GloVe, Facet, COVAREP), so this model keeps the counterparts that make sense
-for three aligned feature sequences, plus the unimodal heads common in the MOSI literature (Self-MM,
+The paper fine-tunes UniVL on CMU-MOSI with UniVL's eight losses (supplement A.1): masked language and
+masked frame modelling, text-video joint and alignment losses, caption decoding, and their variants on
+masked inputs. A.1 also says that one of the UniVL task losses "is also used as the primary loss function
+for multi-modal sentiment analysis"; its symbol is lost in the paper text this project has, and neither
+UniVL nor MELTR publishes MOSI code, so which one is not known here. This model takes the sentiment
+regression as the primary loss, since MOSI is scored by MAE. MOSI has no captions and its features are
+continuous (GloVe, Facet, COVAREP), so the model keeps the counterparts of UniVL's losses that make sense
+for three aligned feature sequences. It adds the unimodal heads common in the MOSI literature (Self-MM,
 MMSA's multi-task models)::
 
     sentiment      primary: |yhat - y| (L1, "l1", MulT's training loss; MOSI reports MAE) or (yhat - y)^2
