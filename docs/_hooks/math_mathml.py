@@ -23,11 +23,12 @@ Why this and not the alternatives (tried on this project's docs, 95 distinct for
 So :func:`to_mathml` rewrites what it can before converting (``\\mathrm{d}`` to ``{\\mathrm d}``,
 ``\\arg`` to ``\\operatorname{arg}``, ``aligned`` to ``align*``), repairs the MathML where it can (a
 delimiter's command name becomes its symbol; ``\\min``, ``\\max``, ``\\lim``... take their limits below
-in display math), and checks the rest: known environments only, well-formed XML, no ``\\`` left in any
-token, the right number of children for every fraction, root and script element, no empty operator except
-the ``\\left.``/``\\right.`` null delimiter. A formula that fails raises :class:`MathConversionError`, and
-the build stops with a :class:`~mkdocs.exceptions.PluginError` naming the page and the formula (strict or
-not): math is never left as raw TeX.
+in display math; bars and norm bars get no operator spacing, as in TeX), and checks the rest: known
+environments only, well-formed XML, no ``\\`` left in any token, the right number of children for every
+fraction, root and script element, no empty operator except the ``\\left.``/``\\right.`` null delimiter.
+A formula that fails raises :class:`MathConversionError`, and the build stops with a
+:class:`~mkdocs.exceptions.PluginError` naming the page and the formula (strict or not): math is never
+left as raw TeX.
 
 A formula can also be lost before this hook sees it: a ``|`` inside ``\\(...\\)`` in a table cell splits
 the cell, and the page shows stray text. :func:`lost_formulas` compares the formulas of the page's markdown
@@ -140,6 +141,10 @@ def to_mathml(tex: str, display: str = "inline") -> str:
         code = convert_symbol(el.text.strip()) if el.text and el.text.strip().startswith("\\") else None
         if code is not None:
             el.text = chr(int(code, 16))
+        if (el.text or "").strip() in ("|", "\u2016") and el.get("fence") != "true":
+            # |x|, \|x\|, \lVert x \rVert: ordinary symbols in TeX; MathML would space them like a relation
+            el.set("lspace", "0")
+            el.set("rspace", "0")
     _check(tex, root)
     for el in root.iter():
         el.tag = el.tag.removeprefix(MATHML_NS)

@@ -158,7 +158,8 @@ def _visible_text(page: str) -> str:
         (r"v = \alpha \sum_{j=0}^{K} p_j", "block", ["<munderover><mo>∑</mo>"]),
         (r"\alpha \sum_{j \ge 0} (I - \alpha H)^j", "inline", ["<msub><mo>∑</mo>", "≥"]),
         (r"\left( \frac{a}{b} \right)", "inline", ['fence="true"', ">(</mo>", ">)</mo>"]),
-        (r"\|x\| \approx \lVert x \rVert", "inline", ["‖", "≈"]),
+        (r"\|x\| \approx \lVert x \rVert", "inline", ['rspace="0">‖</mo>', "≈"]),
+        (r"|\theta| \times |\phi|", "inline", ['lspace="0" rspace="0">|</mo>']),
         (r"L_{\text{aux}} + \texttt{tol}", "inline", ["<mtext>aux</mtext>", ">tol</mtext>"]),
         (r"\begin{aligned} a &= b \\ c &= d \end{aligned}", "block", ["<mtable", "<mtr>"]),
         (r"\min_{\phi} F", "block", ["<munder><mo>min</mo>"]),
@@ -243,7 +244,8 @@ def test_docs_render_offline(site: Path) -> None:
     formulas = hook.SOURCE_MATH.findall(source)
     known_lost = sum(1 for page, _ in hook.KNOWN_LOST if page == "math.md")
     assert len(formulas) > 50
-    assert math_page.count("<math ") == len(formulas) - known_lost  # every formula of docs/math.md, typeset
+    # every formula of docs/math.md, typeset (one more once math.md is fixed: then empty hook.KNOWN_LOST)
+    assert math_page.count("<math ") == len(formulas) - known_lost, (math_page.count("<math "), len(formulas))
     assert math_page.count('<math display="block">') == sum(1 for _, display in formulas if display)
 
 
