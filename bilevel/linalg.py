@@ -373,7 +373,8 @@ def nystrom_probes(
         omega = torch.zeros(d, rank, dtype=torch.float64)
         omega[idx, torch.arange(rank)] = 1.0
     else:
-        omega = torch.linalg.qr(torch.randn(rank, d, generator=gen, dtype=torch.float64).T).Q  # nested in rank
+        rows = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(rank)]  # one draw per probe:
+        omega = torch.linalg.qr(torch.stack(rows, dim=1)).Q  # nested in rank (torch's sampler depends on size)
     return omega.to(dtype=dtype, device=device)
 
 

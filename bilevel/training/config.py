@@ -50,6 +50,13 @@ class TrainerConfig:
             pass of ``g`` per hyper step. The hyper step then comes *before* that step's inner update
             (at ``theta_k`` instead of ``theta_{k+1}``); other steps are unchanged. Needs an AID
             solver (not ITD), ``inner_steps == 1`` and ``grad_accumulation == 1``.
+        warm_start: start each hyper step's linear solve from the previous hyper step's
+            ``v ~ H^{-1} grad_theta f`` (``v0=``: CG from ``x0 = v``, the Neumann series for the residual,
+            ``v + N(b - H v)``; see :func:`bilevel.linalg.conjugate_gradient` and
+            :func:`bilevel.linalg.neumann_series`) instead of from 0. One more product per hyper step
+            (``H v``); CG then needs fewer iterations to reach ``tol`` when consecutive hyper steps are
+            close. The kept ``v`` is saved in checkpoints. Needs a solver with ``supports_warm_start``
+            (AID-CG, AID-FP, StocBiO, or AID with a CG / Neumann solve; not ITD, AID-FP-Lite or Nyström).
     """
 
     hyper_every: int = 1
@@ -62,6 +69,7 @@ class TrainerConfig:
     rollback: bool = True
     distributed: bool | None = None
     share_linearization: bool = False
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("hyper_every", 1), ("inner_steps", 1), ("grad_accumulation", 1), ("warmup_steps", 0)):
@@ -72,6 +80,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(f"TrainerConfig.{name} must be None or a finite number > 0, got {value!r}")
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"TrainerConfig.warm_start must be a bool, got {self.warm_start!r}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"TrainerConfig.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
         if self.share_linearization and (self.inner_steps > 1 or self.grad_accumulation > 1):

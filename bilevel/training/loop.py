@@ -142,6 +142,7 @@ class BilevelTrainer:
         self._pending: dict[str, Any] | None = None  # positions and RNG restored by load_state_dict
         self._hvp_stream: Stream | None = None  # fresh HVP batches during fit (solvers that draw them)
         self.resumed_with_changes: list[str] = []  # configuration changes accepted by the last load
+        self._warm_v: Tree | None = None  # the last hyper step's v, the next one's v0 (config.warm_start)
 
     # ------------------------------------------------------------------ state
     @property
@@ -347,11 +348,12 @@ class BilevelTrainer:
 
     def _hypergrad(self, inner_batch: Any, outer_batch: Any, lin: Linearization | None) -> tuple[Tree, HypergradInfo]:
         assert self.solver is not None and self.problem is not None
+        warm = {"v0": self._warm_v} if self.config.warm_start and self._warm_v is not None else {}
         if lin is not None:
-            return self.solver.hypergrad_at(lin, outer_batch, return_info=True, hvp_batches=self._hvp_stream)  # type: ignore[attr-defined]
+            return self.solver.hypergrad_at(lin, outer_batch, return_info=True, hvp_batches=self._hvp_stream, **warm)  # type: ignore[attr-defined]
         return self.solver.hypergrad(
             self.problem, self.params, self.hparams, inner_batch, outer_batch,
-            return_info=True, reduce=self.reduce, hvp_batches=self._hvp_stream,
+            return_info=True, reduce=self.reduce, hvp_batches=self._hvp_stream, **warm,
         )  # fmt: skip
 
     def _hyper(
@@ -368,6 +370,8 @@ class BilevelTrainer:
                 raise self._fail(snap, msg, "outer", None, inner_applied=lin is None) from exc
             self.skipped_outer += 1
             return HyperResult(skipped=True)
+        # keep v for the next hyper step's warm start; otherwise drop it (a tree the size of params)
+        self._warm_v, info.v = (info.v, info.v) if self.config.warm_start else (None, None)
         for n, p in self._meta_named:
             p.grad = hg[n].to(p.dtype).clone()
         if self.config.meta_clip_grad_norm is not None:
@@ -557,5 +561,12 @@ def _check_args(model, optimizer, inner, outer, meta_model, meta_optimizer, solv
                 f"TrainerConfig.share_linearization needs an AID solver (aid-cg, aid-fp, aid-fp-lite, stocbio), "
                 f"got {type(solver).__name__}"
             )
+        if config.warm_start and not solver.supports_warm_start:
+            raise ValueError(
+                f"TrainerConfig.warm_start needs a solver with an iterative linear solve to start (aid-cg, aid-fp, "
+                f"stocbio, or AID with bilevel.linalg.cg / neumann); {solver.name!r} ({type(solver).__name__}) has none"
+            )
+    elif config.warm_start:
+        raise ValueError("TrainerConfig.warm_start needs a solver (there are no hyper steps without one)")
     if meta_model is not None and not isinstance(meta_model, nn.Module):
         raise TypeError(f"meta_model must be an nn.Module, got {type(meta_model).__name__}")

@@ -50,6 +50,7 @@ def snapshot(tr: BilevelTrainer) -> dict[str, Any]:
         "scheduler": clone_tree(tr.scheduler.state_dict()) if tr.scheduler is not None else None,
         "counters": counters(tr),
         "acc": None if tr._acc is None else [a.clone() for a in tr._acc],
+        "warm_v": tr._warm_v,  # never modified in place: a reference suffices
     }
 
 
@@ -60,6 +61,7 @@ def restore(tr: BilevelTrainer, snap: dict[str, Any]) -> None:
         tr.scheduler.load_state_dict(snap["scheduler"])
     set_counters(tr, snap["counters"])
     tr._acc = snap["acc"]
+    tr._warm_v = snap["warm_v"]
 
 
 def _state_of(obj: Any) -> Any:
@@ -105,6 +107,7 @@ def state(tr: BilevelTrainer) -> dict[str, Any]:
         "meta_optimizer": _state_of(tr.meta_optimizer),
         "meta_scheduler": _state_of(tr.meta_scheduler),
         "accumulated": tr._acc,
+        "warm_v": tr._warm_v,
         "world_size": len(ranks),
         "ranks": ranks,
     }
@@ -128,7 +131,8 @@ def load_state(tr: BilevelTrainer, st: dict[str, Any], allow_changes: bool = Fal
     if missing:
         raise ValueError(f"the checkpoint state lacks {missing}: it was not written by BilevelTrainer.state_dict")
     now = {k: v for k, v in asdict(tr.config).items() if k != "distributed"}
-    changes = _changes({k: v for k, v in dict(st.get("config") or {}).items() if k != "distributed"}, now, "config")
+    saved = _config_defaults() | dict(st.get("config") or {})  # fields added since the checkpoint: their defaults
+    changes = _changes({k: v for k, v in saved.items() if k != "distributed"}, now, "config")
     if "solver" in st:  # checkpoints of earlier versions did not save the solver
         changes += _changes(st["solver"] or {}, solver_options(tr.solver) or {}, "solver")
     if changes and not allow_changes:
@@ -152,6 +156,12 @@ def load_state(tr: BilevelTrainer, st: dict[str, Any], allow_changes: bool = Fal
     return changes
 
 
+def _config_defaults() -> dict[str, Any]:
+    from .config import TrainerConfig
+
+    return {f.name: f.default for f in fields(TrainerConfig)}
+
+
 def _load(tr: BilevelTrainer, st: dict[str, Any]) -> None:
     world = bdist.world_size() if tr.distributed else 1
     if st.get("world_size", 1) != world:
@@ -168,6 +178,10 @@ def _load(tr: BilevelTrainer, st: dict[str, Any]) -> None:
     set_counters(tr, st["counters"])
     acc = st["accumulated"]
     tr._acc = None if acc is None else [a.to(p.device) for a, p in zip(acc, tr._params, strict=True)]
+    warm, devices = st.get("warm_v"), dict(zip(tr._names, (p.device for p in tr._params), strict=True))
+    if warm is not None and sorted(warm) != sorted(devices):
+        raise ValueError(f"the checkpoint's warm-start v has keys {sorted(warm)[:3]}..., not the model's parameters")
+    tr._warm_v = None if warm is None else {k: v.to(devices[k]) for k, v in warm.items()}
     mine = st["ranks"][bdist.rank() if tr.distributed else 0]
     set_rng_state(mine["rng"])
     tr._pending = mine

@@ -254,6 +254,7 @@ def meltr_like(solver, calls=None, **cfg):
 def test_modules_on_both_levels_with_every_solver(name):
     opts = {"stocbio": {"iters": 3, "alpha": 0.1}, "aid-fp": {"iters": 3, "alpha": 0.1}, "itd": {"steps": 2}}
     opts["aid-cg"] = {"iters": 5, "on_negative_curvature": "ignore"}  # the MLP is not convex
+    opts["nystrom"] = {"rank": 3, "on_negative_curvature": "ignore"}
     tr = meltr_like(bl.get_solver(name, **opts.get(name, {})))
     meta_before = [p.detach().clone() for p in tr.meta_model.parameters()]
     for i in range(4):
