@@ -17,18 +17,19 @@ Why this and not the alternatives (tried on this project's docs, 95 distinct for
 - ``latex2mathml`` (chosen) is pure Python and converts every formula of these docs after the fixes below.
   Its blind spots are silent: an unknown command becomes the text ``\\foo`` (``\\arg`` is one), an unknown
   environment is dropped, ``aligned`` emits a raw ``&``, a missing argument leaves an ``mfrac`` with one
-  child, a sized command delimiter (``\\big\\langle``) stays a command name, single-letter
-  ``\\mathrm{d}`` comes out italic, and ``\\min_\\phi`` keeps its subscript at the side in display math.
+  child, a sized command delimiter (``\\big\\langle``) stays a command name, ``\\sim`` becomes an ASCII
+  ``~``, ``;`` and ``:`` become identifiers, single-letter ``\\mathrm{d}`` comes out italic, and
+  ``\\min_\\phi`` keeps its subscript at the side in display math.
 
-So :func:`to_mathml` rewrites what it can before converting (``\\mathrm{d}`` to ``{\\mathrm d}``,
-``\\arg`` to ``\\operatorname{arg}``, ``aligned`` to ``align*``), repairs the MathML where it can (a
-delimiter's command name becomes its symbol; ``\\min``, ``\\max``, ``\\lim``... take their limits below
-in display math; bars and norm bars get no operator spacing, as in TeX), and checks the rest: known
-environments only, well-formed XML, no ``\\`` left in any token, the right number of children for every
-fraction, root and script element, no empty operator except the ``\\left.``/``\\right.`` null delimiter.
-A formula that fails raises :class:`MathConversionError`, and the build stops with a
-:class:`~mkdocs.exceptions.PluginError` naming the page and the formula (strict or not): math is never
-left as raw TeX.
+So :func:`to_mathml` rewrites what it can before converting (``\\mathrm{d}`` to ``{\\mathrm d}``, ``\\arg``
+to ``\\operatorname{arg}``, ``\\sim`` to ``\\thicksim``, ``aligned`` to ``align*``), repairs the MathML
+where it can (a delimiter's command name becomes its symbol; ``;`` and ``:`` become operators; ``\\min``,
+``\\max``, ``\\lim``... take their limits below in display math; bars, norm bars and ``/`` get no operator
+spacing, as in TeX), and checks the rest: known environments only, well-formed XML, no ``\\`` command left
+in any token, the right number of children for every fraction, root and script element, no empty operator
+except the ``\\left.``/``\\right.`` null delimiter. A formula that fails raises
+:class:`MathConversionError`, and the build stops with a :class:`~mkdocs.exceptions.PluginError` naming the
+page and the formula (strict or not): math is never left as raw TeX.
 
 A formula can also be lost before this hook sees it: a ``|`` inside ``\\(...\\)`` in a table cell splits
 the cell, and the page shows stray text. :func:`lost_formulas` compares the formulas of the page's markdown
@@ -55,6 +56,8 @@ REWRITES = [  # (pattern, replacement) applied to the TeX before latex2mathml se
     (re.compile(r"\\mathrm\{\s*([A-Za-z])\s*\}"), r"{\\mathrm \1}"),
     # \arg is the one standard LaTeX function name latex2mathml lacks (of the 32 of LaTeX's \log family)
     (re.compile(r"\\arg(?![A-Za-z])"), r"\\operatorname{arg}"),
+    # \sim comes out as the ASCII tilde ~ (an identifier); \thicksim is the relation U+223C that \sim means
+    (re.compile(r"\\sim(?![A-Za-z])"), r"\\thicksim"),
 ]
 ALIASED_ENVS = {"aligned": "align*"}  # same layout inside display math; latex2mathml lacks "aligned"
 ARITY = {"mfrac": 2, "mroot": 2, "msub": 2, "msup": 2, "munder": 2, "mover": 2, "msubsup": 3, "munderover": 3}
@@ -94,7 +97,7 @@ def _check(tex: str, root: ET.Element) -> None:
     for el in root.iter():
         tag = el.tag.removeprefix(MATHML_NS)
         text = el.text or ""
-        if "\\" in text:
+        if re.search(r"\\(?:[A-Za-z]+|.)", text):  # a lone \ is \backslash
             raise MathConversionError(f"unknown command {text.strip()!r} in formula {tex!r}")
         n = len(el)
         if tag in ARITY and n != ARITY[tag]:
@@ -137,12 +140,15 @@ def to_mathml(tex: str, display: str = "inline") -> str:
             if el.tag in (MATHML_NS + "msub", MATHML_NS + "msubsup") and len(el) and el[0].tag == MATHML_NS + "mo":
                 if (el[0].text or "").strip() in LIMIT_OPERATORS or el[0].get("movablelimits") == "true":
                     el.tag = MATHML_NS + ("munder" if el.tag == MATHML_NS + "msub" else "munderover")
+    for el in root.iter(MATHML_NS + "mi"):  # L(\theta; \phi): ; and : are operators (punctuation, relation)
+        if (el.text or "").strip() in (";", ":"):
+            el.tag = MATHML_NS + "mo"
     for el in root.iter(MATHML_NS + "mo"):  # \big\langle: latex2mathml keeps a sized delimiter's command name
         code = convert_symbol(el.text.strip()) if el.text and el.text.strip().startswith("\\") else None
         if code is not None:
             el.text = chr(int(code, 16))
-        if (el.text or "").strip() in ("|", "\u2016") and el.get("fence") != "true":
-            # |x|, \|x\|, \lVert x \rVert: ordinary symbols in TeX; MathML would space them like a relation
+        if (el.text or "").strip() in ("|", "\u2016", "/") and el.get("fence") != "true":
+            # |x|, \|x\|, \lVert x \rVert, L/\mu: ordinary symbols in TeX; MathML would space them as operators
             el.set("lspace", "0")
             el.set("rspace", "0")
     _check(tex, root)
