@@ -73,7 +73,8 @@ KNOWN_LOST = {("math.md", "|\\theta|")}  # docs/math.md, AID-CG row of the solve
 FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.S | re.M)
 INLINE_CODE = re.compile(r"(`+)(?!`).+?(?<!`)\1(?!`)", re.S)
 COMMENT = re.compile(r"<!--.*?-->", re.S)
-SOURCE_MATH = re.compile(r"(?<!\\)\\\((.+?)(?<!\\)\\\)|(?<!\\)\\\[(.+?)(?<!\\)\\\]", re.S)
+# inline \(...\) anywhere; display \[...\] only as a block (an inline \[1\] is escaped brackets, not math)
+SOURCE_MATH = re.compile(r"(?<!\\)\\\((.+?)(?<!\\)\\\)|^[ \t>]*\\\[(.+?)(?<!\\)\\\][ \t]*$", re.S | re.M)
 
 
 class MathConversionError(ValueError):

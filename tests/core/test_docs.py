@@ -217,7 +217,7 @@ def test_math_hook_finds_formulas_lost_in_tables() -> None:
     hook = _math_hook()
     extensions = ["tables", "pymdownx.arithmatex", "pymdownx.superfences"]
     configs = {"pymdownx.arithmatex": {"generic": True}}
-    code = "Code: `\\(c\\)`\n\n```python\nx = '\\\\(d\\\\)'\n```\n\n"
+    code = "Code: `\\(c\\)`, cited \\[1\\].\n\n```python\nx = '\\\\(d\\\\)'\n```\n\n\\[\nz = 1\n\\]\n\n"
     broken = code + "| a | b |\n|---|---|\n| \\(x\\) | \\(|y|\\) |\n"
     fixed = code + "| a | b |\n|---|---|\n| \\(x\\) | \\(\\lvert y\\rvert\\) |\n"
     page = markdown.markdown(broken, extensions=extensions, extension_configs=configs)
