@@ -8,6 +8,8 @@ silently.
 from __future__ import annotations
 
 __all__ = [
+    "ITDDivergenceError",
+    "ITDDivergenceWarning",
     "NegativeCurvatureError",
     "NegativeCurvatureWarning",
     "NeumannDivergenceError",
@@ -38,3 +40,18 @@ class NeumannDivergenceError(FloatingPointError):
 
 class NeumannDivergenceWarning(RuntimeWarning):
     """Warning form of :class:`NeumannDivergenceError` (policy ``on_divergence="warn"``)."""
+
+
+class ITDDivergenceError(FloatingPointError):
+    """ITD's unrolled inner steps diverge: their derivative (or the iterates themselves) blow up.
+
+    Raised by :class:`~bilevel.ITD` when the adjoint ``dF/dtheta_t`` of an unrolled iterate grows past
+    ``divergence_factor`` times ``||grad_theta f(theta_T)||`` going back through the steps (SGD and
+    momentum: their steps are stable only for ``lr < 2 / L``, resp. ``lr < 2 (1 + momentum) / L``, with
+    ``L`` the largest eigenvalue of the inner Hessian), or when the inner objective or an adjoint is
+    non-finite after the first step. Lower ``lr``.
+    """
+
+
+class ITDDivergenceWarning(RuntimeWarning):
+    """Warning form of :class:`ITDDivergenceError` (policy ``on_divergence="warn"``)."""

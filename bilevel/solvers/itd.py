@@ -195,7 +195,7 @@ class ITD(Solver):
         with call.stage("unroll_and_backward"), torch.enable_grad():
             phi = leaves(hparams)
             state: dict[str, Tree] = {}
-            values: list[Tensor] = []
+            values: list[Tensor] = []  # g at theta_0 (one entry: per-step lists cost memory at large steps)
             theta = params
             for t in range(start):
                 theta = _free_step(self, g, theta, hparams, inner_batch, reduce, state, t, values)
@@ -204,6 +204,7 @@ class ITD(Solver):
             if k and self._watch:
                 ref = next(iter(theta.values()))
                 sq = torch.zeros(k, dtype=ref.dtype, device=ref.device)
+            iterates: list[Tree] = []  # theta_{start+1..T} of the plain unroll
             if self.checkpoint and k:
                 theta = _unroll_checkpointed(self, g, theta, phi, inner_batch, reduce, state, start, values, sq)
             else:
@@ -211,17 +212,20 @@ class ITD(Solver):
                     g_val = g(theta, phi, inner_batch)
                     _check_inner(g_val, t)
                     check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
-                    values.append(g_val.detach())
+                    if not values:
+                        values.append(g_val.detach())
                     g_theta = grad_tree(g_val, theta, create_graph=True)
                     if reduce is not None:
                         g_theta = dict(
                             zip(g_theta, _ReduceMean.apply(reduce, list(g_theta), *g_theta.values()), strict=True)
                         )
                     theta = _step(self, theta, g_theta, state, t)
-                    if sq is not None:
-                        _watch_adjoint(theta, sq, t - start)
+                    iterates.append(theta)
             f_val = f(theta, phi, outer_batch)
             check_finite(f_val.detach(), "outer", "f after the unrolled steps of ITD")
+            if sq is not None:  # hooks only now: the next step's grad_theta g would pass through them too
+                for i, it in enumerate(iterates):
+                    _watch_adjoint(it, sq, i)
             hg = grad_tree(f_val, phi)
         info.iters = self.steps
         info.inner_value = float(values[0]) if values else None
@@ -270,7 +274,7 @@ def _check_inner(g_val: Tensor, t: int) -> None:
         check_finite(g_val.detach(), "inner", f"unrolled step {t} of ITD")
     elif not bool(torch.isfinite(g_val.detach())):
         raise ITDDivergenceError(
-            f"ITD diverges: the inner objective g is non-finite ({float(g_val)}) at unrolled step {t}: the "
+            f"ITD diverges: the inner objective g is non-finite ({float(g_val.detach())}) at unrolled step {t}: the "
             "iterates ran away; lower lr (below 2/L, L the largest eigenvalue of the inner Hessian)"
         )
 
@@ -294,7 +298,8 @@ def _free_step(
     g_val = g(th, phi, batch)
     _check_inner(g_val, t)
     check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
-    values.append(g_val.detach())
+    if not values:
+        values.append(g_val.detach())
     g_theta = grad_tree(g_val, th)
     if reduce is not None:
         g_theta = reduce(g_theta)
@@ -379,12 +384,14 @@ class _UnrollArgs:
 
 
 class _Unroll(torch.autograd.Function):
-    """``theta_T`` from ``(theta_start, buffers, phi)`` by ``T - start`` steps, checkpointed (see :class:`ITD`).
+    """``theta_T`` from ``(theta_start, buffers, phi)`` by ``k = T - start`` steps, checkpointed (see :class:`ITD`).
 
-    Forward: the steps without a graph, storing ``theta_t`` and the buffers entering each step (and with
-    ``reduce`` the rank-averaged gradient) in preallocated ``(k, *shape)`` tensors. Backward: for
-    ``t = T-1 .. start`` re-evaluate step ``t`` with ``create_graph=True`` from the stored input and take the
-    vector-Jacobian product with the adjoints of its outputs; only ``phi`` receives a gradient.
+    Forward: the steps without a graph, storing ``theta_t`` and the buffers entering every ``s``-th step,
+    ``s = ceil(sqrt(k))`` (and with ``reduce`` every step's rank-averaged gradient), in preallocated
+    tensors. Backward, segment by segment from the last: re-run the segment's steps without a graph from
+    its stored start (the iterates of one segment, at most ``s``), then for each of its steps from the
+    last re-evaluate the step with ``create_graph=True`` and take the vector-Jacobian product with the
+    adjoints of its outputs; only ``phi`` receives a gradient.
     """
 
     @staticmethod
@@ -395,78 +402,106 @@ class _Unroll(torch.autograd.Function):
         state = _unflatten(a.names, keys, tensors[nk : nk + n_state])
         phi = {k: v.detach() for k, v in zip(a.phi_keys, tensors[nk + n_state :], strict=True)}
         k_steps = opt.steps - a.start
+        seg = math.isqrt(k_steps - 1) + 1  # ceil(sqrt(k)): k/s stored starts + s iterates of one segment
+        n_seg = -(-k_steps // seg)
         every = STATE_KEYS[opt.optimizer]
-        store_theta = {key: v.new_empty((k_steps, *v.shape)) for key, v in theta.items()}
-        store_state = {n: {key: v.new_empty((k_steps, *v.shape)) for key, v in theta.items()} for n in every}
+        store_theta = {key: v.new_empty((n_seg, *v.shape)) for key, v in theta.items()}
+        store_state = {n: {key: v.new_empty((n_seg, *v.shape)) for key, v in theta.items()} for n in every}
         store_red = {key: v.new_empty((k_steps, *v.shape)) for key, v in theta.items()} if a.reduce else None
-        g_vals = []
+        g_vals = torch.empty(k_steps, dtype=tensors[0].dtype, device=tensors[0].device)
         for i, t in enumerate(range(a.start, opt.steps)):
-            for key in keys:
-                store_theta[key][i] = theta[key]
-                for n in state:
-                    store_state[n][key][i] = state[n][key]
-            with torch.enable_grad():
-                th = leaves(theta)
-                g_val = a.g(th, phi, a.batch)
-                _check_inner(g_val, t)
-                check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
-                g_theta = grad_tree(g_val, th)
-            a.values.append(g_val.detach())
-            g_vals.append(g_val.detach())
+            if i % seg == 0:
+                for key in keys:
+                    store_theta[key][i // seg] = theta[key]
+                    for n in state:
+                        store_state[n][key][i // seg] = state[n][key]
+            g_val, g_theta = _forward_gradient(a.g, theta, phi, a.batch, t)
+            if not a.values:
+                a.values.append(g_val)
+            g_vals[i] = g_val
             if a.reduce is not None:
                 g_theta = a.reduce(g_theta)
                 for key in keys:
                     store_red[key][i] = g_theta[key]  # type: ignore[index]
             theta = _step(opt, theta, g_theta, state, t)
-        ctx.a, ctx.g_vals = a, g_vals
+        ctx.a, ctx.g_vals, ctx.seg = a, g_vals, seg
         ctx.store = (store_theta, store_state, store_red)
         ctx.save_for_backward(*tensors[nk + n_state :])
         return tuple(theta[key] for key in keys)
 
     @staticmethod
     def backward(ctx, *a_out):  # type: ignore[override]
-        a, (store_theta, store_state, store_red) = ctx.a, ctx.store
+        a, seg, (store_theta, store_state, store_red) = ctx.a, ctx.seg, ctx.store
         opt, keys = a.opt, a.keys
         phi_saved = ctx.saved_tensors
+        phi_c = {key: p.detach() for key, p in zip(a.phi_keys, phi_saved, strict=True)}
         adj = dict(zip(keys, a_out, strict=True))
         adj_state: dict[str, Tree] | None = None
         phi_grad = [torch.zeros_like(p) for p in phi_saved]
         k_steps = opt.steps - a.start
-        for i in range(k_steps - 1, -1, -1):
-            t = a.start + i
-            if a.sq is not None:
-                a.sq[i] = sum(v.pow(2).sum() for v in adj.values())
-            with torch.enable_grad():
-                th = {key: store_theta[key][i].detach().requires_grad_(True) for key in keys}
-                names = STATE_KEYS[opt.optimizer] if t else ()
-                st = {n: {key: store_state[n][key][i].detach().requires_grad_(True) for key in keys} for n in names}
-                phi = {key: p.detach().requires_grad_(True) for key, p in zip(a.phi_keys, phi_saved, strict=True)}
-                g_val = a.g(th, phi, a.batch)
-                _check_recomputed(g_val, ctx.g_vals[i], t)
-                g_theta = grad_tree(g_val, th, create_graph=True)
+        for first in range(seg * ((k_steps - 1) // seg), -1, -seg):
+            # the segment's iterates theta_i and entering buffers, i = first .. last, without a graph
+            j = first // seg
+            theta = {key: store_theta[key][j] for key in keys}
+            state = {n: {key: store_state[n][key][j] for key in keys} for n in (STATE_KEYS[opt.optimizer] if
+                     a.start + first else ())}  # fmt: skip
+            seg_in = [(theta, state)]
+            for i in range(first, min(first + seg, k_steps) - 1):
+                t = a.start + i
                 if a.reduce is not None:
-                    stored = {key: store_red[key][i] for key in keys}
-                    g_theta = dict(zip(keys, _Reduced.apply(a.reduce, keys, stored, *g_theta.values()), strict=True))
-                state = {n: dict(st[n]) for n in st}
-                new = _step(opt, th, g_theta, state, t)
-                outs = [new[key] for key in keys]
-                grads_out = [adj[key] for key in keys]
-                if adj_state is not None:
-                    for n in adj_state:
-                        outs += [state[n][key] for key in keys]
-                        grads_out += [adj_state[n][key] for key in keys]
-                need_state = i > 0 and bool(st)  # the buffers' adjoints feed step t-1, not the constants at start
-                ins = [*(th.values() if i > 0 else ()), *(v for n in st for v in st[n].values() if need_state)]
-                ins += list(phi.values())
-                got = torch.autograd.grad(outs, ins, grads_out, allow_unused=True, materialize_grads=True)
-            n_th = len(keys) if i > 0 else 0
-            if i > 0:
-                adj = dict(zip(keys, got[:n_th], strict=True))
-                adj_state = _unflatten(tuple(st), keys, got[n_th : len(got) - len(phi)]) if need_state else None
-            for j, gp in enumerate(got[len(got) - len(phi) :]):
-                phi_grad[j] += gp
-            del th, st, phi, g_val, g_theta, state, new, outs, got
+                    g_theta = {key: store_red[key][i] for key in keys}
+                else:
+                    g_theta = _forward_gradient(a.g, theta, phi_c, a.batch, t)[1]
+                state = dict(state)
+                theta = _step(opt, theta, g_theta, state, t)
+                seg_in.append((theta, state))
+            for i in range(first + len(seg_in) - 1, first - 1, -1):
+                t = a.start + i
+                if a.sq is not None:
+                    a.sq[i] = sum(v.pow(2).sum() for v in adj.values())
+                theta_i, state_i = seg_in.pop()
+                with torch.enable_grad():
+                    th = {key: v.detach().requires_grad_(True) for key, v in theta_i.items()}
+                    st = {n: {key: v.detach().requires_grad_(True) for key, v in b.items()} for n, b in state_i.items()}
+                    phi = {key: p.detach().requires_grad_(True) for key, p in phi_c.items()}
+                    g_val = a.g(th, phi, a.batch)
+                    _check_recomputed(g_val, ctx.g_vals[i], t)
+                    g_theta = grad_tree(g_val, th, create_graph=True)
+                    if a.reduce is not None:
+                        stored = {key: store_red[key][i] for key in keys}
+                        g_theta = dict(
+                            zip(keys, _Reduced.apply(a.reduce, keys, stored, *g_theta.values()), strict=True)
+                        )
+                    new_state = dict(st)
+                    new = _step(opt, th, g_theta, new_state, t)
+                    outs = [new[key] for key in keys]
+                    grads_out = [adj[key] for key in keys]
+                    if adj_state is not None:
+                        for n in adj_state:
+                            outs += [new_state[n][key] for key in keys]
+                            grads_out += [adj_state[n][key] for key in keys]
+                    need_state = i > 0 and bool(st)  # the buffers' adjoints feed step t-1 (not the constants at start)
+                    ins = [*(th.values() if i > 0 else ()), *(v for n in st for v in st[n].values() if need_state)]
+                    ins += list(phi.values())
+                    got = torch.autograd.grad(outs, ins, grads_out, allow_unused=True, materialize_grads=True)
+                n_th = len(keys) if i > 0 else 0
+                if i > 0:
+                    adj = dict(zip(keys, got[:n_th], strict=True))
+                    adj_state = _unflatten(tuple(st), keys, got[n_th : len(got) - len(phi)]) if need_state else None
+                for jj, gp in enumerate(got[len(got) - len(phi) :]):
+                    phi_grad[jj] += gp
+                del th, st, phi, g_val, g_theta, new_state, new, outs, got
         return (None, *([None] * (len(keys) * (1 + len(a.names)))), *phi_grad)
+
+
+def _forward_gradient(g: Callable, theta: Tree, phi: Tree, batch: Any, t: int) -> tuple[Tensor, Tree]:
+    """``(g, grad_theta g)`` at ``theta`` without a graph beyond this call (checks as the plain unroll)."""
+    with torch.enable_grad():
+        th = leaves(theta)
+        g_val = g(th, phi, batch)
+        _check_inner(g_val, t)
+        check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
+        return g_val.detach(), grad_tree(g_val, th)
 
 
 def _unflatten(names: tuple[str, ...], keys: list[str], flat: Any) -> dict[str, Tree]:
