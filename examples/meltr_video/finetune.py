@@ -249,7 +249,8 @@ class FinetuneRun:
         return self.trainer.epoch >= self.cfg.epochs
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Metrics of the backbone on ``split`` (retrieval: R@k, MedR; captioning: BLEU, ROUGE-L, CIDEr[, METEOR])."""
+        """Metrics of the backbone on ``split`` (retrieval: R@k, MedR; captioning: BLEU, ROUGE-L, CIDEr, and METEOR
+        on test where Java is installed)."""
         with num_threads(self.cfg.eval_threads):
             return self._evaluate(split)
 
@@ -259,10 +260,10 @@ class FinetuneRun:
             return qa_accuracy(self.model, self.sets[split], self.tok, self.cfg.qa_kind)
         if self.cfg.task == "retrieval":
             return retrieval_eval(self.backbone, ds, self.tok, max_words=self.cfg.max_words)
-        try:
-            m, _ = caption_eval(self.backbone, ds, self.tok, max_len=self.cfg.max_words, with_meteor=True)
-        except RuntimeError:  # METEOR needs pycocoevalcap and Java
-            m, _ = caption_eval(self.backbone, ds, self.tok, max_len=self.cfg.max_words, with_meteor=False)
+        # METEOR (pycocoevalcap's jar, a Java process per call) on test only: the epoch is selected on CIDEr,
+        # BLEU-4; without Java the test metrics go without METEOR and a MeteorUnavailableWarning says so
+        meteor = None if split == "test" else False
+        m, _ = caption_eval(self.backbone, ds, self.tok, max_len=self.cfg.max_words, with_meteor=meteor)
         return dict(m)
 
     @torch.no_grad()

@@ -111,6 +111,13 @@ def test_meta_batch_last10_and_captioning(data, pretrained):
     assert res["epochs"][0]["hyper_steps"] == 1
     res = ft.finetune(cfg(method="single", task="captioning"), data, pretrained)
     assert {"BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(res["test"])
+    # METEOR (a Java process per call) on test only, and there whenever Java and pycocoevalcap are installed
+    assert all("METEOR" not in e["val"] for e in res["epochs"])
+    import importlib.util
+    import shutil
+
+    meteor = shutil.which("java") is not None and importlib.util.find_spec("pycocoevalcap") is not None
+    assert ("METEOR" in res["test"]) == meteor
 
 
 def test_bad_config_is_rejected():
