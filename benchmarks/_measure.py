@@ -132,7 +132,8 @@ def _malloc_trim() -> None:
         pass
 
 
-def _memory_solver(solver: str, budget: int, lr: float) -> Any:
+def _memory_solver(solver: str, budget: int, lr: float, options: dict[str, Any] | None = None) -> Any:
+    """The solver of a memory point; ``options`` are added to (or override) its budget and step size."""
     import bilevel as bl
 
     opts: dict[str, dict[str, Any]] = {
@@ -143,10 +144,10 @@ def _memory_solver(solver: str, budget: int, lr: float) -> Any:
     }
     if solver not in opts:
         raise ValueError(f"no memory configuration for solver {solver!r}; choose one of {sorted(opts)}")
-    return bl.get_solver(solver, **opts[solver])
+    return bl.get_solver(solver, **(opts[solver] | (options or {})))
 
 
-def _worker(solver: str, budget: int, n: int, d: int) -> MemoryPoint:
+def _worker(solver: str, budget: int, n: int, d: int, options: dict[str, Any] | None = None) -> MemoryPoint:
     """Inside the fresh process: one hypergradient on ``ridge_synthetic(d, n)`` at its solution."""
     import gc
 
@@ -157,14 +158,15 @@ def _worker(solver: str, budget: int, n: int, d: int) -> MemoryPoint:
     # allocator state (~170 MiB here) that would otherwise be charged to the measured call
     tiny = ridge_synthetic(d=3, n=12)
     tiny_hp = tiny.hparams(-2.0)
-    _memory_solver(solver, 2, 0.1).hypergrad(
+    warm = dict(options or {}) | ({"truncate": 1} if "truncate" in (options or {}) else {})  # fits 2 steps
+    _memory_solver(solver, 2, 0.1, warm).hypergrad(
         tiny.problem(), tiny.solution(tiny_hp), tiny_hp, tiny.inner_batch, tiny.outer_batch
     )
     ref = ridge_synthetic(d=d, n=n)
     hp = ref.hparams(-2.0)
     params = ref.solution(hp)
     _, L = ref.curvature(hp)
-    slv = _memory_solver(solver, budget, 1.0 / L)
+    slv = _memory_solver(solver, budget, 1.0 / L, options)
     prob = ref.problem()
     point = MemoryPoint(solver, budget)
     gc.collect()
@@ -198,11 +200,16 @@ def _worker_env() -> dict[str, str]:
     return os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure_memory(solver: str, budget: int, n: int, d: int, timeout: float = 300.0) -> MemoryPoint:
+def measure_memory(
+    solver: str, budget: int, n: int, d: int, timeout: float = 300.0, options: dict[str, Any] | None = None
+) -> MemoryPoint:
     """Peak extra memory of one ``solver`` hypergradient with ``budget`` iterations/steps, measured in a
     fresh Python process on ``bilevel.testing.ridge_synthetic(d=d, n=n)`` at ``hparams(-2.0)``, the exact
-    inner solution, step ``1/L``. Failures come back as a point with ``error`` set (never raised)."""
+    inner solution, step ``1/L``; ``options``: more solver options (JSON-serialisable, e.g. ITD's
+    ``{"checkpoint": True}``). Failures come back as a point with ``error`` set (never raised)."""
     cmd = [sys.executable, "-m", "benchmarks._measure", solver, str(budget), str(n), str(d)]
+    if options:
+        cmd += ["--options", json.dumps(options)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=_worker_env())
     except subprocess.TimeoutExpired:
@@ -219,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("budget", type=int)
     parser.add_argument("n", type=int)
     parser.add_argument("d", type=int)
+    parser.add_argument("--options", type=json.loads, default=None, help="more solver options, a JSON object")
     a = parser.parse_args(argv)
-    print(json.dumps(_worker(a.solver, a.budget, a.n, a.d).__dict__))
+    print(json.dumps(_worker(a.solver, a.budget, a.n, a.d, a.options).__dict__))
 
 
 if __name__ == "__main__":

@@ -366,6 +366,120 @@ def memory_grid(cfg: Config) -> list[MemoryPoint]:
     ]
 
 
+# --------------------------------------------------------------------- ITD memory: plain, truncated, checkpointed
+#
+#     python -m benchmarks.hypergrad_accuracy --only itd-memory      # this section only (``hypergrad_itd_memory``)
+
+ITD_MEMORY_SECTION = "hypergrad_itd_memory"
+ITD_MEMORY_STEPS = (1, 10, 50, 200)
+ITD_TRUNCATE = 5
+ITD_VARIANTS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "plain": lambda T: {},
+    f"truncate={ITD_TRUNCATE}": lambda T: {"truncate": min(ITD_TRUNCATE, T)},
+    "checkpoint": lambda T: {"checkpoint": True},
+}
+
+
+@dataclass
+class ItdMemoryRow:
+    """One ITD variant at ``steps``: extra peak RSS in a fresh process (:func:`benchmarks._measure.measure_memory`,
+    as the main memory table) and the peak of the bytes held by torch's allocator during the call."""
+
+    variant: str
+    steps: int
+    point: MemoryPoint
+    alloc_mb: float | None
+
+
+def itd_alloc_peak_mb(steps: int, n: int, d: int, options: dict[str, Any]) -> float | None:
+    """Peak, over one ITD hypergradient on ``ridge_synthetic(d, n)`` at its solution (``lr = 1/L``), of the bytes
+    allocated by torch and not yet freed (the running sum of :mod:`torch.profiler` memory events, MiB), after a
+    warm-up call; None where the profiler gives no memory events. In-process: it counts tensors only, not the
+    Python objects, allocator slack and library state that the RSS also sees."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref = testing.ridge_synthetic(d=d, n=n)
+    hp = ref.hparams(HPARAM_VALUE)
+    params = ref.solution(hp)
+    solver = bl.ITD(steps=steps, lr=1.0 / ref.curvature(hp)[1], **options)
+    args = (ref.problem(), params, hp, ref.inner_batch, ref.outer_batch)
+    solver.hypergrad(*args)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        solver.hypergrad(*args)
+    try:
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
+    except AttributeError:
+        return None
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20 if events else None
+
+
+def itd_memory_grid(n: int, d: int, steps: tuple[int, ...] = ITD_MEMORY_STEPS) -> list[ItdMemoryRow]:
+    tasks = [(v, T) for v in ITD_VARIANTS for T in steps]
+    rows = []
+    for variant, T in tqdm(tasks, desc="ITD memory", unit="pt", file=sys.stderr):
+        opts = ITD_VARIANTS[variant](T)
+        point = measure_memory("itd", T, n, d, options=opts)
+        rows.append(ItdMemoryRow(variant, T, point, itd_alloc_peak_mb(T, n, d, opts)))
+    return rows
+
+
+def render_itd_memory(rows: list[ItdMemoryRow], n: int, d: int, command: str, started: str, seconds: float) -> str:
+    """The ``hypergrad_itd_memory`` section: the table and the checkpointed / plain ratios."""
+    header = ["variant", "steps T", "extra RSS (MiB)", "x plain T=1", "torch peak allocated (MiB)", "x plain T=1",
+              "error"]  # fmt: skip
+    base = {r.steps: r for r in rows if r.variant == "plain"}.get(min(r.steps for r in rows))
+    b_rss, b_alloc = (base.point.rss_extra_mb, base.alloc_mb) if base else (None, None)
+    lines = []
+    for r in rows:
+        rss, alloc = r.point.rss_extra_mb, r.alloc_mb
+        lines.append([
+            r.variant, str(r.steps), _fmt(rss, ".2f") + ("" if r.point.reset else " (lower bound)"),
+            _fmt(rss / b_rss if rss is not None and b_rss else None, ".2f"), _fmt(alloc, ".3f"),
+            _fmt(alloc / b_alloc if alloc is not None and b_alloc else None, ".2f"), r.point.error or "",
+        ])  # fmt: skip
+    out = [
+        "## ITD memory vs unrolled steps: plain, truncated, checkpointed",
+        "",
+        f"Command: `{command}`, run {started} in {seconds:.0f} s, measured while other jobs (fine-tuning runs, "
+        "tests) loaded the machine (memory, not time, is measured).  ",
+        f"Machine: {machine()}.",
+        "",
+        f"One `bl.ITD(steps=T, lr=1/L)` hypergradient on `ridge_synthetic(d={d}, n={n})` at `hparams(-2.0)` and the "
+        f"exact inner solution (the problem of the main memory table). `truncate={ITD_TRUNCATE}`: back-propagation "
+        f"through the last {ITD_TRUNCATE} steps only (`min(5, T)`); `checkpoint`: `checkpoint=True` (segments of "
+        "`ceil(sqrt(T))` steps recomputed in the backward pass). Extra RSS: peak RSS during the call minus RSS "
+        "before it, in a fresh process per point, exactly as in the main memory table (`VmHWM` reset through "
+        "`/proc/self/clear_refs`, `MALLOC_MMAP_THRESHOLD_=65536`, `malloc_trim(0)`); it also counts Python "
+        "objects and allocator slack, a few tenths of a MiB of noise at this size. Torch peak allocated: the "
+        "peak of the bytes held by torch's CPU allocator during the call (running sum of `torch.profiler` "
+        "memory events, after a warm-up call in the benchmark's process): tensors only. `x plain T=1`: "
+        "the figure over plain ITD's at the smallest `T`.",
+        "",
+        _table(header, lines),
+    ]
+    return "\n".join(out) + "\n"
+
+
+def run_itd_memory(quick: bool, out_dir: Path, command: str) -> list[ItdMemoryRow]:
+    """Measure, print and write the ``hypergrad_itd_memory`` section of ``out_dir/results.md``."""
+    import time
+
+    cfg = make_config("quick" if quick else "default")
+    steps = (1, 50) if quick else ITD_MEMORY_STEPS
+    start, started = time.perf_counter(), datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    rows = itd_memory_grid(cfg.memory_n, cfg.memory_d, steps)
+    text = render_itd_memory(rows, cfg.memory_n, cfg.memory_d, command, started, time.perf_counter() - start)
+    print(text)
+    write_section(out_dir / "results.md", text, ITD_MEMORY_SECTION)
+    return rows
+
+
 # -------------------------------------------------------------------------------------------------- run
 
 

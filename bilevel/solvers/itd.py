@@ -49,26 +49,29 @@ class ITD(Solver):
 
     **Truncated back-propagation** (``truncate=k``; Shaban et al. 2019, BOAT's RGT): the first
     ``T - k`` steps run without a graph (``theta_{T-k}`` and the optimizer buffers are constants), only
-    the last ``k`` are differentiated: ``dF/dphi ~ df/dphi + sum_{t >= T-k} (dtheta_{t+1}/dphi)^T a_{t+1}``.
+    the last ``k`` are differentiated: ``dF/dphi ~ grad_phi f + sum_{t=T-k}^{T-1} (d_phi step_t)^T a_{t+1}``
+    (``d_phi step_t``: the update's derivative in ``phi`` at fixed ``theta_t``; ``a_t = dF/dtheta_t``).
     Memory and backward time are those of ``k`` steps. At ``theta_0 = theta*`` (SGD) it equals AID-FP
     with ``iters=k-1``. ``truncate=None`` (default) or ``truncate=steps`` is the full unroll, the same
     operations in the same order.
 
     **Checkpointing** (``checkpoint=True``): the differentiated steps run forward without a graph,
-    keeping only each step's input ``theta_t`` and optimizer buffers (``O(k)`` parameter-sized tensors,
-    one preallocated buffer per parameter); the backward pass re-evaluates step ``t``'s forward with
-    ``create_graph=True`` from the stored ``theta_t``, takes its vector-Jacobian product and frees it
-    before step ``t - 1``. Peak memory is one step's graph plus the stored iterates instead of ``k``
-    graphs, for about one more gradient evaluation per step. It is a hand-written
-    :class:`torch.autograd.Function` rather than :func:`torch.utils.checkpoint.checkpoint`, because
-    measured on ``ridge_synthetic(d=100, n=15000)``: the reentrant variant runs the step under
-    ``no_grad`` and cannot take the step's own ``grad_theta g`` (``create_graph`` inside), and the
-    non-reentrant one works but still held 7.6 MiB at ``T=200`` (35 MiB plain, 0.9 MiB here): the saved
-    tensors of the nested ``torch.autograd.grad`` are not all discarded. With ``reduce=``, the
-    rank-averaged gradient of each step is stored too and reused by the recomputation, so the
-    collectives are the same as without checkpointing (no all-reduce is recomputed). The inner objective
-    must be deterministic (no dropout or sampling in ``g``): the recomputed value of ``g`` is compared with
-    the forward one and a mismatch raises ``RuntimeError``. Equal to the plain unroll up to the order of
+    keeping ``theta_t`` and the optimizer buffers only at the start of every segment of
+    ``s = ceil(sqrt(k))`` steps (in preallocated tensors). The backward pass takes the segments from the
+    last: it re-runs a segment's steps without a graph from its stored start, then re-evaluates each of
+    its steps with ``create_graph=True``, takes the step's vector-Jacobian product with the adjoints of its
+    outputs and frees it before the step before. Peak memory is one step's graph plus ``~2 sqrt(k)``
+    parameter-sized copies instead of ``k`` graphs; the price is about two more gradient evaluations per
+    step. It is a hand-written :class:`torch.autograd.Function` rather than
+    :func:`torch.utils.checkpoint.checkpoint`, measured on ``ridge_synthetic(d=100, n=15000)`` with the
+    unrolled step as the checkpointed function: the reentrant variant runs it under ``no_grad``, so the
+    step's own ``grad_theta g`` (``create_graph`` inside) fails; the non-reentrant one works but still
+    held 7.6 MiB of extra RSS at ``T=200`` (35 MiB plain; this class: flat, see
+    ``benchmarks/hypergrad_accuracy.py --section itd-memory``). With ``reduce=``, every step's
+    rank-averaged gradient is stored (``k`` parameter-sized copies) and reused by the recomputation, so
+    the collectives are exactly those of the plain unroll (none is recomputed). The inner objective must
+    be deterministic (no dropout or sampling in ``g``): the recomputed value of ``g`` is compared with the
+    forward one and a mismatch raises ``RuntimeError``. Equal to the plain unroll up to the order of
     floating-point sums (1e-12 relative in float64 in the tests).
 
     **Divergence** (``on_divergence``, default ``"raise"`` as :class:`~bilevel.AIDFP`'s): SGD is stable
