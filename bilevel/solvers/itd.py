@@ -67,7 +67,7 @@ class ITD(Solver):
     unrolled step as the checkpointed function: the reentrant variant runs it under ``no_grad``, so the
     step's own ``grad_theta g`` (``create_graph`` inside) fails; the non-reentrant one works but still
     held 7.6 MiB of extra RSS at ``T=200`` (35 MiB plain; this class: flat, see
-    ``benchmarks/hypergrad_accuracy.py --section itd-memory``). With ``reduce=``, every step's
+    ``python -m benchmarks.hypergrad_accuracy --only itd-memory``). With ``reduce=``, every step's
     rank-averaged gradient is stored (``k`` parameter-sized copies) and reused by the recomputation, so
     the collectives are exactly those of the plain unroll (none is recomputed). The inner objective must
     be deterministic (no dropout or sampling in ``g``): the recomputed value of ``g`` is compared with the
