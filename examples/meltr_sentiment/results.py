@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from examples.meltr_video.results import parse_seeds
 
 from .finetune import SentimentConfig, latent_splits, train_method
+from .multitask import PRIMARY
 
 __all__ = ["METRICS", "ROWS", "SEARCH_SEED", "main", "markdown", "paired_difference", "run_comparison"]
 
@@ -179,12 +180,10 @@ def _digits(factor: float) -> int:
 
 
 def reading(rec: Mapping[str, Any]) -> str:
-    """A sentence per MELTR row, generated from the numbers: its paired MAE difference against MTL and single,
-    and whether it exceeds the paired std (what the seeds can resolve)."""
+    """A sentence per row, generated from the numbers: its paired MAE difference against MTL and single, and
+    whether it exceeds the paired std (what the seeds can resolve)."""
     out = []
     for label, row in rec["rows"].items():
-        if not label.startswith("MELTR"):
-            continue
         parts = []
         for ref in ("mtl", "single"):
             p = row.get(f"vs_{ref}", {}).get("mae")
@@ -247,6 +246,19 @@ def markdown(rec: Mapping[str, Any], cmd: str, machine: str) -> str:
         f"{rec['cpu_seconds'] / 60:.1f} min of process CPU time (one thread; the wall-clock time includes the wait "
         "for a core on a shared machine, the CPU time does not).",
     ]
+    for label, row in rec["rows"].items():
+        ws = [r["meltr_weights_best"] for r in row["runs"] if r.get("meltr_weights_best")]
+        if not ws:
+            continue
+        rel = {k: statistics.fmean(w[k] / w[PRIMARY] for w in ws) for k in ws[0]}
+        raw = statistics.fmean(w[PRIMARY] for w in ws)
+        lines += [
+            "",
+            f"{label}: MELTR's weights `d L_aux / d L_t` at a fixed training batch, at the val-selected epoch, "
+            f"relative to the `{PRIMARY}` loss's (mean over seeds; the `{PRIMARY}` weight itself {raw:.2f}): "
+            + ", ".join(f"`{k}` {v:.2f}" for k, v in rel.items() if k != PRIMARY)
+            + ".",
+        ]
     if rec.get("overrides"):
         lines += ["", f"Config overrides: {rec['overrides']}."]
     text = reading(rec)

@@ -625,6 +625,7 @@ def test_paired_difference_and_a_tiny_comparison(tiny):
 
     text = markdown(rec, "python -m examples.meltr_sentiment.results", "test machine")
     assert "| MELTR AID-FP-Lite |" in text and "Paired difference to MTL" in text and "widths 12 / 6 / 4" in text
+    assert "MELTR AID-FP-Lite: MELTR's weights" in text and "single: test MAE vs mtl" in text
 
 
 @pytest.mark.parametrize(
