@@ -259,7 +259,8 @@ def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
     """The MELTR solver ``name`` with the common options (see the module docstring).
 
     Non-convexity of the fine-tuning problem is expected (the backbone is not at an inner minimum):
-    negative curvature in CG and Neumann divergence are counted in the run's statistics, not raised.
+    negative curvature in CG, Neumann divergence and a growing ITD adjoint are counted in the run's statistics,
+    not raised.
     """
     if name == "aid-fp-lite":
         return bl.get_solver(name, scale=alpha)
@@ -268,7 +269,7 @@ def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
     if name == "aid-fp":
         return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
     if name == "itd":
-        return bl.get_solver(name, steps=1, lr=alpha)
+        return bl.get_solver(name, steps=1, lr=alpha, on_divergence="ignore")
     if name == "stocbio":
         return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
     if _is_peer(name):
