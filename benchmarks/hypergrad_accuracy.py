@@ -760,10 +760,268 @@ def write_outputs(res: Results, out_dir: Path) -> Path:
     return md
 
 
+# --------------------------------------------------------------------------- Nyström and warm starts (issue 16)
+#
+#     python -m benchmarks.hypergrad_accuracy --only nystrom warm-start     # these two sections only, ~4 min
+#
+# ``--only`` runs just the named parts and writes only their sections of results.md (``hypergrad_nystrom``,
+# ``warm_start``), leaving the main ``hypergrad_accuracy`` section as it is.
+
+PARTS = ("nystrom", "warm-start", "itd-memory")
+NYSTROM_SECTION, WARM_SECTION = "hypergrad_nystrom", "warm_start"
+NYSTROM_BUDGETS = (1, 2, 5, 10, 20, 30, 50, 100, 200)  # ranks above a problem's dimension are left out
+NYSTROM_RHO_DEFAULT = 0.1  # Hataya & Yamada's default (hypergrad docs: nystrom(..., rank=5, rho=0.1))
+# one torch thread for this grid: on a loaded 2-core machine LAPACK's threaded QR waited for busy cores
+# (measured: 16 ms with 2 threads vs 0.07 ms with 1 for a 2000 x 10 QR), which swamped Nyström's time
+NYSTROM_THREADS = 1
+
+
+def nystrom_budgets(case: Case, quick: bool = False) -> tuple[int, ...]:
+    """The ranks (and CG / Neumann iteration budgets) measured on ``case``: at most its dimension."""
+    return tuple(b for b in ((1, 5, 10) if quick else NYSTROM_BUDGETS) if b <= case.ref.dim)
+
+
+def _nystrom_thunk(case: Case, budget: int | None, rho: str, probes: str) -> Thunk:
+    value = case.mu if rho == "mu" else NYSTROM_RHO_DEFAULT
+    spec = SolverSpec("nystrom", "rank", lambda c: {"rho": value, "probes": probes, "seed": 0})
+    return solver_thunk(spec, case, budget)
+
+
+def nystrom_methods() -> list[Method]:
+    """AID-CG and AID-FP (Neumann, ``alpha = 1/L``) as in the main grid, and Nyström with ``rho = mu`` (the
+    smallest Hessian eigenvalue, Gaussian and coordinate probes) and ``rho = 0.1`` (Hataya & Yamada's default)."""
+    cg_fp = [m for m in our_methods() if m.label in ("aid-cg", "aid-fp")]
+    nys = [
+        Method(f"nystrom rho={rho}" + ("" if probes == "gaussian" else " coord"), True,
+               partial(_nystrom_thunk, rho=rho, probes=probes))
+        for rho, probes in (("mu", "gaussian"), ("mu", "coordinates"), (str(NYSTROM_RHO_DEFAULT), "gaussian"))
+    ]  # fmt: skip
+    return cg_fp + nys
+
+
+@dataclass
+class NystromResults:
+    cfg: Config
+    command: str
+    cases: list[Case]
+    budgets: dict[str, tuple[int, ...]]
+    rows: list[AccuracyRow] = field(default_factory=list)
+    started: str = ""
+    seconds: float = 0.0
+
+
+def run_nystrom(cfg: Config, command: str) -> NystromResults:
+    """Error and ms of CG, Neumann and Nyström at equal HVP budgets (rank = iterations) on every problem."""
+    import time
+
+    start = time.perf_counter()
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(NYSTROM_THREADS)
+    try:
+        problems = cfg.problems if cfg.mode == "quick" else tuple(PROBLEMS)
+        cases = [make_case(name) for name in problems]
+        res = NystromResults(cfg, command, cases, {c.name: nystrom_budgets(c, cfg.mode == "quick") for c in cases})
+        tasks = [(c, m, b) for c in cases for m in nystrom_methods() for b in res.budgets[c.name]]
+        res.rows = [measure_point(c, m, b, cfg) for c, m, b in tqdm(tasks, desc="nystrom grid", file=sys.stderr)]
+    finally:
+        torch.set_num_threads(threads)
+    res.seconds, res.started = time.perf_counter() - start, started
+    return res
+
+
+def _ratio_line(rows: list[AccuracyRow], num: str, den: str, budgets: tuple[int, ...]) -> str:
+    by = {(r.method, r.budget): r.ms for r in rows}
+    cells = [f"{b}: {by[(num, b)] / by[(den, b)]:.2f}" for b in budgets if (num, b) in by and (den, b) in by]
+    return f"ms of `{num}` / ms of `{den}` at the same budget: " + ", ".join(cells)
+
+
+def render_nystrom(res: NystromResults) -> str:
+    out = [
+        "## Nyström vs CG and Neumann at equal HVP budgets",
+        "",
+        f"Command: `{res.command}`, run {res.started} in {res.seconds:.0f} s.  ",
+        f"Machine: {machine()}; this grid ran with {NYSTROM_THREADS} torch thread (LAPACK's threaded QR waited "
+        "~15 ms per call for busy cores with 2).  ",
+        f"Timings: medians of {res.cfg.repeats} runs after {res.cfg.warmup} warm-up run(s), wall clock, measured "
+        "while other jobs (fine-tuning runs, tests) loaded the machine: compare only ratios within this run "
+        "(the `x` column is ms over one inner gradient measured in the same run).",
+        "",
+        "Same point and problems as the main accuracy table (`hparams = .hparams(-2.0)`, exact inner minimiser, "
+        f"AID-CG `tol = {CG_TOL:g}`, AID-FP `alpha = 1/L`). Budget = HVPs: CG / Neumann iterations, Nyström's rank "
+        "(`bl.Nystrom(rank, rho)`: `v = (H_k + rho I)^{-1} grad_theta f`, `H_k` the rank-k Nyström sketch from k "
+        "HVPs; ranks above the parameter dimension are refused, so each problem stops at its dimension). "
+        "`rho=mu`: rho is the smallest Hessian eigenvalue (known here); `coord`: Hataya & Yamada's coordinate "
+        f"probes (k random columns of H) instead of Gaussian ones; `rho={NYSTROM_RHO_DEFAULT}`: their default.",
+        "",
+        _table(
+            ["problem", "train x d (val)", "mu", "L", "L/mu", "||exact||", "1 inner grad (ms)"],
+            [_case_cells(c) for c in res.cases],
+        ),
+    ]
+    for case in res.cases:
+        rows = [r for r in res.rows if r.problem == case.name]
+        budgets = res.budgets[case.name]
+        out += [
+            "",
+            f"### {case.name}: relative error `||hg - exact|| / ||exact||` (Nyström)",
+            "",
+            _pivot(rows, budgets, _err_cell),
+            "",
+            f"### {case.name}: ms per hypergradient (in units of one inner gradient) (Nyström)",
+            "",
+            _pivot(rows, budgets, _ms_cell),
+            "",
+            _ratio_line(rows, "nystrom rho=mu", "aid-cg", budgets),
+        ]
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class WarmRun:
+    """One hyper-cleaning run: per hyper step CG iterations, HVPs (incl. the warm start's ``H v0``) and
+    convergence; the final ``lam``, validation loss and F1."""
+
+    warm: bool
+    tol: float
+    iters: list[int]
+    hvps: list[int]
+    converged: list[bool]
+    lam: torch.Tensor
+    val_loss: float
+    f1: float
+
+
+def warm_start_cleaning(
+    tol: float, warm: bool, outer_steps: int = 100, T: int = 10, max_iters: int = 1000, seed: int = 0
+) -> WarmRun:
+    """Hyper-cleaning (``examples.hyper_cleaning``: ``load_digits``, 800 training images of which half get a
+    wrong label, a linear classifier, ``reg = 1e-3``) in float64 with AID-CG (``iters = max_iters``, ``tol``):
+    ``outer_steps`` trainer steps of ``T`` warm-started SGD steps and one Adam step on ``lam`` (lr 0.1), with
+    ``TrainerConfig(warm_start=warm)``."""
+    from torch import nn
+
+    from examples.hyper_cleaning.cleaning import (
+        f1_corrupted,
+        inner_objective,
+        load_cleaning_data,
+        outer_objective,
+        smoothness,
+    )
+
+    data = load_cleaning_data(seed=seed, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Linear(64, 10).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    meta = nn.ParameterDict({"lam": nn.Parameter(torch.zeros(data.n_train, dtype=torch.float64))})
+    rec: dict[str, list[Any]] = {"iters": [], "hvps": [], "converged": []}
+
+    class Record(bl.Callback):
+        def on_step_end(self, trainer: bl.BilevelTrainer, metrics: dict[str, Any]) -> None:
+            info = metrics.get("hypergrad_info")
+            if info is not None:
+                rec["iters"].append(info.iters)
+                rec["hvps"].append(info.n_hvp)
+                rec["converged"].append(bool(info.converged))
+
+    trainer = bl.BilevelTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=1.0 / smoothness(data, 1e-3)), inner_objective(1e-3),
+        outer=outer_objective, meta_model=meta, meta_optimizer=torch.optim.Adam(meta.parameters(), lr=0.1),
+        solver=bl.AIDCG(iters=max_iters, tol=tol, on_negative_curvature="raise"),
+        config=bl.TrainerConfig(inner_steps=T, hyper_every=1, warm_start=warm), callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit([data.train] * outer_steps, [data.val], epochs=1, progress=False)
+    lam = meta["lam"].detach().clone()
+    with torch.no_grad():
+        val = float(outer_objective(trainer.params, trainer.hparams, data.val))
+    return WarmRun(warm, tol, rec["iters"], rec["hvps"], rec["converged"], lam, val,
+                   f1_corrupted(torch.sigmoid(lam), data.corrupted))  # fmt: skip
+
+
+@dataclass
+class WarmResults:
+    command: str
+    outer_steps: int
+    T: int
+    runs: list[WarmRun] = field(default_factory=list)
+    started: str = ""
+    seconds: float = 0.0
+
+
+def run_warm_start(command: str, quick: bool = False, tols: tuple[float, ...] = (1e-4, 1e-6, 1e-8)) -> WarmResults:
+    """Cold vs warm AID-CG on hyper-cleaning at each ``tol`` (the same seed, data and steps)."""
+    import time
+
+    start = time.perf_counter()
+    res = WarmResults(command, 20 if quick else 100, 10)
+    res.started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    for tol in tols[1:2] if quick else tols:
+        for warm in (False, True):
+            res.runs.append(warm_start_cleaning(tol, warm, outer_steps=res.outer_steps, T=res.T))
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def render_warm_start(res: WarmResults) -> str:
+    rows = []
+    by = {(r.tol, r.warm): r for r in res.runs}
+    for (tol, warm), r in by.items():
+        cold = by[(tol, False)]
+        n = len(r.iters)
+        rows.append([
+            f"{tol:g}", "warm" if warm else "cold", f"{np.mean(r.iters):.1f}", f"{np.median(r.iters):.0f}",
+            f"{np.mean(r.iters[: n // 10]):.1f} / {np.mean(r.iters[-(n // 10):]):.1f}", str(sum(r.hvps)),
+            f"{sum(r.hvps) / sum(cold.hvps):.2f}", f"{sum(r.converged)}/{n}", f"{r.val_loss:.4f}", f"{100 * r.f1:.1f}",
+            _fmt(float((r.lam - cold.lam).abs().max()), ".1e"),
+        ])  # fmt: skip
+    header = ["tol", "start", "CG iters / step (mean)", "median", "first / last 10 %", "HVPs in all",
+              "HVPs vs cold", "converged", "final val loss", "F1 (%)", "max abs dlam"]  # fmt: skip
+    text = [
+        "## Warm starts: CG iterations per hyper step (hyper-cleaning)",
+        "",
+        f"Command: `{res.command}`, run {res.started} in {res.seconds:.0f} s (no timings: iteration counts).",
+        "",
+        "`examples/hyper_cleaning` (load_digits, 800 training images, 50 % wrong labels, linear classifier, "
+        f"`reg = 1e-3`), float64, seed 0: {res.outer_steps} trainer steps of T={res.T} warm-started full-batch SGD "
+        "steps and one Adam step (lr 0.1) on the 800 example weights, AID-CG with `iters = 1000` and the given "
+        "`tol` (`||b - H v|| <= tol ||b||`). Cold: every solve starts at `v = 0`; warm: "
+        "`TrainerConfig(warm_start=True)` starts it at the previous hyper step's `v` (one more HVP for `H v0`, "
+        "counted in the HVP column). First / last 10 %: mean iterations over the first and last tenth of the hyper "
+        "steps. `max abs dlam`: largest difference of the learned `lam` from the cold run's (both runs reach the "
+        "same tolerance at every step, so they differ within the solves' tolerance, carried along the run).",
+        "",
+        _table(header, rows),
+    ]
+    return "\n".join(text) + "\n"
+
+
+def run_parts(parts: list[str], quick: bool, out_dir: Path, command: str) -> dict[str, Any]:
+    """Run the ``--only`` parts, print and write their sections of ``out_dir/results.md``."""
+    cfg = make_config("quick" if quick else "default", peers=False, memory=False)
+    md, done = out_dir / "results.md", {}
+    if "nystrom" in parts:
+        done["nystrom"] = nres = run_nystrom(cfg, command)
+        text = render_nystrom(nres)
+        print(text)
+        write_section(md, text, NYSTROM_SECTION)
+    if "warm-start" in parts:
+        done["warm-start"] = wres = run_warm_start(command, quick)
+        text = render_warm_start(wres)
+        print(text)
+        write_section(md, text, WARM_SECTION)
+    if "itd-memory" in parts:
+        done["itd-memory"] = run_itd_memory(quick, out_dir, command)
+    sections = {"nystrom": NYSTROM_SECTION, "warm-start": WARM_SECTION, "itd-memory": ITD_MEMORY_SECTION}
+    print(f"wrote sections {[sections[p] for p in parts]} of {md}")
+    return done
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> Results:
+def main(argv: list[str] | None = None) -> Results | dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
@@ -774,10 +1032,16 @@ def main(argv: list[str] | None = None) -> Results:
     )
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, help="run only these parts and write only their sections "
+        f"({NYSTROM_SECTION}, {WARM_SECTION}, {ITD_MEMORY_SECTION}); the main grid is not run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full" if args.full else "default"
-    cfg = make_config(mode, peers=not args.no_peers, memory=not args.no_memory)
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="hypergrad_quick_")) if args.quick else REPO / "docs")
+    if args.only:
+        return run_parts(args.only, args.quick, out_dir, " ".join(["python -m benchmarks.hypergrad_accuracy", *argv]))
+    cfg = make_config(mode, peers=not args.no_peers, memory=not args.no_memory)
     res = run(cfg, " ".join(["python -m benchmarks.hypergrad_accuracy", *argv]))
     md = write_outputs(res, out_dir)
     print(render_markdown(res, {}))

@@ -360,22 +360,23 @@ def _unflatten(vec: Tensor, like: Tree) -> Tree:
 def nystrom_probes(
     d: int, rank: int, seed: int | None, probes: str, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """The ``d x rank`` probe matrix ``Omega`` with orthonormal columns: ``"gaussian"``, the Q factor of a
-    standard Gaussian matrix (the same column space, hence the same ``H_k``, as the Gaussian matrix
-    itself, better conditioned; drawn row by row, so a larger ``rank`` with the same seed extends the
-    same columns); ``"coordinates"``, ``rank`` distinct coordinate vectors ``e_i`` drawn
-    uniformly (Hataya & Yamada's choice: ``H Omega`` are ``rank`` columns of ``H``). Drawn on the CPU in
-    float64 from ``torch.Generator().manual_seed(seed)`` (the same probes on every device), or from
-    torch's global CPU generator when ``seed`` is None (fresh probes per call)."""
+    """The ``d x rank`` probe matrix ``Omega`` with orthonormal columns, in ``dtype`` on ``device``:
+    ``"gaussian"``, the Q factor (thin QR, on ``device``) of a standard Gaussian matrix, which has the same
+    column space, hence the same ``H_k``, better conditioned; ``"coordinates"``, ``rank`` distinct coordinate
+    vectors ``e_i`` drawn uniformly (Hataya & Yamada's choice: ``H Omega`` are ``rank`` columns of ``H``).
+    Drawn on the CPU, one column at a time (so a larger ``rank`` with the same seed extends the same
+    columns), from ``torch.Generator().manual_seed(seed)``: the same probes for a given seed and dtype
+    on every device (up to the QR's rounding); from torch's global CPU generator when ``seed`` is None
+    (fresh probes per call). Memory: one ``d x rank`` matrix on the CPU and one on ``device``."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if probes == "coordinates":
         idx = torch.randperm(d, generator=gen)[:rank]
-        omega = torch.zeros(d, rank, dtype=torch.float64)
+        omega = torch.zeros(d, rank, dtype=dtype)
         omega[idx, torch.arange(rank)] = 1.0
-    else:
-        rows = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(rank)]  # one draw per probe:
-        omega = torch.linalg.qr(torch.stack(rows, dim=1)).Q  # nested in rank (torch's sampler depends on size)
-    return omega.to(dtype=dtype, device=device)
+        return omega.to(device)
+    # one draw per column: torch's sampler depends on the size of the draw, and nested columns need the same
+    cols = [torch.randn(d, generator=gen, dtype=dtype) for _ in range(rank)]
+    return torch.linalg.qr(torch.stack(cols, dim=1).to(device)).Q
 
 
 def nystrom_solve(

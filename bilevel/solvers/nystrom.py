@@ -14,8 +14,8 @@ from .aid import AIDSolver
 class Nystrom(AIDSolver):
     """Hataya & Yamada (AISTATS 2023): ``v = (H_k + rho I)^{-1} grad_theta f``, ``grad F ~ grad_phi f - J v``
     (:class:`~bilevel.AID` with ``solve=bilevel.linalg.nystrom(rank, rho, seed, probes)``), where
-    ``H_k = (H Omega)(Omega^T H Omega)^+ (H Omega)^T`` is built from ``rank`` products with the columns of
-    ``Omega`` (``d x rank``) and inverted with the Woodbury identity (:func:`bilevel.linalg.nystrom_solve`).
+    ``H_k = (H Omega)(Omega^T H Omega)^+ (H Omega)^T`` from ``rank`` products with the columns of ``Omega``
+    (``d x rank``), inverted with the Woodbury identity (:func:`bilevel.linalg.nystrom_solve`).
 
     Exact when ``rank = d`` (the parameter dimension) as ``rho -> 0``; otherwise biased: ``rho`` stands in
     for the Hessian's eigenvalues off the probes' span, and ``H_k + rho I`` over-weights the ones on it by
@@ -24,13 +24,13 @@ class Nystrom(AIDSolver):
     Args:
         rank: products (columns of ``Omega``), ``1 <= rank <= d``; a larger ``rank`` is refused at the call.
         rho: the regularisation ``rho > 0`` added to ``H_k``.
-        seed: the probes' seed (the same probes at every call); None draws them from torch's global CPU
-            generator at every call.
+        seed: the probes' seed (the same probes at every call); None: torch's global generator, per call.
         probes: ``"gaussian"`` (default: orthonormalised standard Gaussian columns) or ``"coordinates"``
             (``rank`` distinct random coordinate vectors, i.e. ``rank`` columns of ``H``: Hataya & Yamada's).
-        on_negative_curvature: when the sketch has negative eigenvalues (``H`` not PSD; they are set to
-            zero): ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
-        hvp, mixed, fd_radius: the product modes, as in :class:`~bilevel.AIDCG`.
+        on_negative_curvature: ``"warn"`` (default), ``"raise"``, ``"ignore"``: sketch eigenvalues < 0 (set to 0).
+        hvp: how ``H p`` is taken (see :class:`~bilevel.AIDCG`).
+        mixed: how ``J v`` is taken (see :class:`~bilevel.AIDCG`).
+        fd_radius: the finite differences' radius.
 
     Examples:
         >>> import bilevel as bl
