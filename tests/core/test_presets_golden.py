@@ -43,4 +43,7 @@ def test_preset_hypergradient_is_unchanged(current, case):
         assert g_info[key] == w_info[key], key
     for key in ("inner_value", "outer_value"):
         assert g_info[key] == pytest.approx(w_info[key], rel=1e-13, abs=0)
-    assert g_info["residuals"] == pytest.approx(w_info["residuals"], rel=1e-12, abs=1e-300)
+    if case.endswith(("/itd", "/itd-momentum")):  # new since: ITD's adjoint norms (tests/core/test_itd_truncate.py)
+        assert w_info["residuals"] == [] and len(g_info["residuals"]) == g_info["iters"]
+    else:
+        assert g_info["residuals"] == pytest.approx(w_info["residuals"], rel=1e-12, abs=1e-300)
