@@ -2,7 +2,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, bilevel, pytest, sklearn, tensorboard, pycocoevalcap" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, bilevel, pytest, sklearn, tensorboard, pycocoevalcap, latex2mathml" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
   # Pin torch: 2.13.0 is a local CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.

@@ -246,7 +246,7 @@ def test_docs_render_offline(site: Path) -> None:
     formulas = hook.SOURCE_MATH.findall(source)
     known_lost = sum(1 for page, _ in hook.KNOWN_LOST if page == "math.md")
     assert len(formulas) > 50
-    # every formula of docs/math.md, typeset (one more once math.md is fixed: then empty hook.KNOWN_LOST)
+    # every formula of docs/math.md, typeset
     assert math_page.count("<math ") == len(formulas) - known_lost, (math_page.count("<math "), len(formulas))
     assert math_page.count('<math display="block">') == sum(1 for _, display in formulas if display)
 
