@@ -12,7 +12,8 @@ Quick use::
     hg = solver.hypergrad(problem, params, hparams, inner_batch, outer_batch)
 
 Solvers: ``"itd"`` (:class:`ITD`), ``"aid-cg"`` (:class:`AIDCG`), ``"aid-fp"`` (:class:`AIDFP`),
-``"aid-fp-lite"`` (:class:`AIDFPLite`), ``"stocbio"`` (:class:`StocBiO`), ``"nystrom"`` (:class:`Nystrom`).
+``"aid-fp-lite"`` (:class:`AIDFPLite`), ``"stocbio"`` (:class:`StocBiO`), ``"nystrom"`` (:class:`Nystrom`),
+``"sama"`` (:class:`SAMA`).
 The AID presets are one formula with a linear solve from :mod:`bilevel.linalg` (``cg``, ``neumann``,
 ``nystrom``, ``identity``);
 :class:`AID` takes any. A caller's :class:`Linearization` of ``g`` (e.g. the one its inner step
@@ -24,7 +25,20 @@ from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDiv
 from .functional import FunctionalModule, functional_module, load_params
 from .problem import BilevelProblem
 from .products import Linearization
-from .solvers import AID, AIDCG, AIDFP, ITD, SOLVERS, AIDFPLite, HypergradInfo, Nystrom, Solver, StocBiO, get_solver
+from .solvers import (
+    AID,
+    AIDCG,
+    AIDFP,
+    ITD,
+    SAMA,
+    SOLVERS,
+    AIDFPLite,
+    HypergradInfo,
+    Nystrom,
+    Solver,
+    StocBiO,
+    get_solver,
+)
 from .training import BilevelTrainer, Callback, NonFiniteError, TrainerConfig, mtl_objective, single_task_objective
 
 __version__ = "0.1.0"
@@ -48,6 +62,7 @@ __all__ = [
     "NeumannDivergenceWarning",
     "NonFiniteError",
     "Nystrom",
+    "SAMA",
     "Solver",
     "StocBiO",
     "TrainerConfig",

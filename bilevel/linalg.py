@@ -13,6 +13,7 @@ factory                                     computes                            
 :func:`neumann` ``(iters, alpha, ...)``     ``alpha sum_{j=0}^{iters} (I - alpha H)^j b`` ``iters``
 :func:`nystrom` ``(rank, rho, ...)``        ``(H_k + rho I)^{-1} b``, ``H_k`` rank-k      ``rank``
 :func:`identity` ``(scale)``                ``scale * b`` (``H^{-1} ~ scale I``)          0
+:func:`diagonal` ``(d, scale)``             ``scale * d * b`` (``H^{-1} ~ scale diag(d)``) 0
 =========================================== ============================================ =========
 
 The iterations themselves are :func:`conjugate_gradient` and :func:`neumann_series`. Both keep O(1)
@@ -44,6 +45,7 @@ __all__ = [
     "SolveResult",
     "cg",
     "conjugate_gradient",
+    "diagonal",
     "identity",
     "neumann",
     "neumann_series",
@@ -183,6 +185,29 @@ def identity(scale: float = 1.0) -> LinearSolve:
 def identity_solve(matvec: MatVec, b: Tree, scale: float = 1.0) -> tuple[Tree, SolveResult]:
     """``v = scale * b`` without calling ``matvec`` (AID-FP-Lite, MELTR eq. 11)."""
     return tree_scale(b, scale), SolveResult()
+
+
+def diagonal(d: Tree, scale: float = 1.0) -> LinearSolve:
+    """``H^{-1} ~ scale * diag(d)``: ``diagonal(d, scale)(matvec, b) = (scale * d * b, SolveResult())``
+    (elementwise, ``d`` a tree like ``b``, e.g. SAMA's Adam preconditioner); no product.
+
+    Raises ``ValueError`` when ``d`` is not a non-empty dict of tensors or holds non-finite entries, and when
+    ``b`` does not have ``d``'s keys and shapes."""
+    check_positive("scale", scale)
+    if not isinstance(d, dict) or not d or not all(isinstance(t, Tensor) for t in d.values()):
+        raise ValueError(f"diagonal: d must be a non-empty dict of tensors, got {type(d).__name__}")
+    bad = [k for k, t in d.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"diagonal: d has non-finite entries in {bad}")
+    return partial(diagonal_solve, d=d, scale=scale)
+
+
+def diagonal_solve(matvec: MatVec, b: Tree, d: Tree, scale: float = 1.0) -> tuple[Tree, SolveResult]:
+    """``v = scale * d * b`` (elementwise) without calling ``matvec``."""
+    if d.keys() != b.keys() or any(d[k].shape != b[k].shape for k in b):
+        shapes = {k: tuple(t.shape) for k, t in d.items()}
+        raise ValueError(f"diagonal: d {shapes} does not match b {({k: tuple(t.shape) for k, t in b.items()})}")
+    return {k: scale * d[k].to(b[k].dtype) * b[k] for k in b}, SolveResult()
 
 
 def _divergence(p_norm: float, prev: float, b_norm: float, factor: float, growth_tol: float) -> str:

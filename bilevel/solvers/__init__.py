@@ -9,6 +9,7 @@ name            class                                          module
 ``"aid-fp-lite"`` :class:`~bilevel.solvers.aid_fp_lite.AIDFPLite` ``bilevel/solvers/aid_fp_lite.py``
 ``"stocbio"``   :class:`~bilevel.solvers.stocbio.StocBiO`      ``bilevel/solvers/stocbio.py``
 ``"nystrom"``   :class:`~bilevel.solvers.nystrom.Nystrom`      ``bilevel/solvers/nystrom.py``
+``"sama"``      :class:`~bilevel.solvers.sama.SAMA`            ``bilevel/solvers/sama.py``
 =============== ============================================== ===========================
 
 The AID presets are :class:`~bilevel.solvers.aid.AIDSolver` (the formula
@@ -28,6 +29,7 @@ from .aid_fp_lite import AIDFPLite
 from .base import Call, HypergradInfo, Solver
 from .itd import ITD
 from .nystrom import Nystrom
+from .sama import SAMA
 from .stocbio import StocBiO
 
 __all__ = [
@@ -41,16 +43,18 @@ __all__ = [
     "Call",
     "HypergradInfo",
     "Nystrom",
+    "SAMA",
     "Solver",
     "StocBiO",
     "get_solver",
 ]
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (ITD, AIDCG, AIDFP, AIDFPLite, StocBiO, Nystrom)}
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (ITD, AIDCG, AIDFP, AIDFPLite, StocBiO, Nystrom, SAMA)}
 
 
 def get_solver(name: str, **options: Any) -> Solver:
-    """Build a solver by name: ``"itd"``, ``"aid-cg"``, ``"aid-fp"``, ``"aid-fp-lite"``, ``"stocbio"``, ``"nystrom"``.
+    """Build a solver by name: ``"itd"``, ``"aid-cg"``, ``"aid-fp"``, ``"aid-fp-lite"``, ``"stocbio"``, ``"nystrom"``,
+    ``"sama"``.
 
     ``options`` are the solver's fields (e.g. ``get_solver("aid-cg", iters=20, tol=1e-10)``).
     Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown option, listing
@@ -61,7 +65,7 @@ def get_solver(name: str, **options: Any) -> Solver:
         >>> bl.get_solver("aid-cg", iters=20, tol=1e-10)
         AIDCG(iters=20, tol=1e-10, on_negative_curvature='warn', hvp='autograd', mixed='autograd', fd_radius=0.01)
         >>> sorted(bl.SOLVERS)
-        ['aid-cg', 'aid-fp', 'aid-fp-lite', 'itd', 'nystrom', 'stocbio']
+        ['aid-cg', 'aid-fp', 'aid-fp-lite', 'itd', 'nystrom', 'sama', 'stocbio']
         >>> bl.get_solver("aid-cg", steps=5)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...

@@ -60,6 +60,11 @@ class AIDSolver(Solver):
     def linear_solve(self) -> LinearSolve:
         """The solve ``(matvec, b) -> (v ~ H^{-1} b, SolveResult)`` this solver's options define."""
 
+    def solve_for(self, call: Call) -> LinearSolve:
+        """The linear solve of this call: :meth:`linear_solve`, unless the call brings what the solve needs
+        (SAMA's ``call.preconditioner``)."""
+        return self.linear_solve()
+
     def matvec(self, lin: Linearization, call: Call) -> MatVec:
         """The product ``p -> H p`` the linear solve uses: ``lin``'s Hessian-vector product."""
         return lin.hvp
@@ -75,7 +80,7 @@ class AIDSolver(Solver):
         """``grad_phi f - J solve(H, grad_theta f)`` from ``outer = (f, grad_theta f, grad_phi f)``; the solve
         starts from ``call.v0`` when given. ``call.info.v`` is set to ``v``."""
         f_val, f_theta, f_phi = outer
-        solve, warm = self.linear_solve(), {} if call.v0 is None else {"x0": call.v0}
+        solve, warm = self.solve_for(call), {} if call.v0 is None else {"x0": call.v0}
         with call.stage("solve"):
             v, result = solve(self.matvec(lin, call), f_theta, **warm)
         with call.stage("mixed"):
@@ -94,6 +99,7 @@ class AIDSolver(Solver):
         return_info: Literal[False] = False,
         hvp_batches: Iterator[Any] | None = None,
         v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> Tree: ...
 
     @overload
@@ -105,6 +111,7 @@ class AIDSolver(Solver):
         return_info: Literal[True],
         hvp_batches: Iterator[Any] | None = None,
         v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> tuple[Tree, HypergradInfo]: ...
 
     def hypergrad_at(
@@ -115,12 +122,14 @@ class AIDSolver(Solver):
         return_info: bool = False,
         hvp_batches: Iterator[Any] | None = None,
         v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> Tree | tuple[Tree, HypergradInfo]:
         """The hypergradient at a caller's linearisation of ``g``: ``grad_phi f - J solve(H, grad_theta f)``
         with ``H``, ``J``, the point ``(params, hparams)``, the HVP mode and ``reduce`` all taken from
         ``lin`` (e.g. the training loop's inner step, whose ``grad_theta g`` also makes the inner
         update). Equal to :meth:`hypergrad` at ``lin``'s point and batch, without its ``"linearize"``
-        stage (one forward and backward pass of ``g``). ``v0``: a warm start, as in :meth:`hypergrad`.
+        stage (one forward and backward pass of ``g``). ``v0`` (a warm start) and ``preconditioner`` as in
+        :meth:`hypergrad`.
 
         Raises ``TypeError`` when ``lin`` is not a :class:`~bilevel.products.Linearization` and
         ``ValueError`` when its ``params`` / ``hparams`` were updated in place after it was built
@@ -132,7 +141,7 @@ class AIDSolver(Solver):
         if stale:
             raise ValueError(f"{self.name}: the linearisation is stale: {stale[:3]} were updated in place after it")
         first = next(iter(lin.params.values()))
-        call = self._call(first.device, lin.reduce, hvp_batches, v0)
+        call = self._call(first.device, lin.reduce, hvp_batches, v0, preconditioner)
 
         def compute() -> Tree:
             with call.stage("grad_outer"):

@@ -86,6 +86,8 @@ class Call:
         hvp_batches: fresh inner batches for solvers that draw one per product (StocBiO), or None.
         sync: synchronise CUDA at the end of every stage (stage timings are then device times).
         v0: the warm start of the linear solve (an initial guess of ``v``, a tree like ``params``), or None.
+        preconditioner: a diagonal inverse-Hessian approximation for solvers with ``takes_preconditioner``
+            (SAMA: the inner optimizer's, :func:`bilevel.solvers.sama.sama_preconditioner`), or None.
     """
 
     info: HypergradInfo
@@ -93,6 +95,7 @@ class Call:
     hvp_batches: Iterator[Any] | None = None
     sync: bool = False
     v0: Tree | None = None
+    preconditioner: Tree | None = None
 
     @contextmanager
     def stage(self, key: str) -> Iterator[None]:
@@ -108,11 +111,14 @@ class Solver(ABC):
     """Base class of hypergradient solvers: dataclasses of options implementing :meth:`_hypergrad`.
 
     ``draws_hvp_batches``: the solver uses fresh inner batches for its products (``hvp_batches=``),
-    so a training loop should supply a stream of them.
+    so a training loop should supply a stream of them. ``takes_preconditioner``: the solver reads a
+    per-call diagonal ``preconditioner=`` built from the inner optimizer's state (SAMA), which a training
+    loop should supply.
     """
 
     name: ClassVar[str]
     draws_hvp_batches: ClassVar[bool] = False
+    takes_preconditioner: ClassVar[bool] = False
 
     @property
     def supports_warm_start(self) -> bool:
@@ -133,6 +139,7 @@ class Solver(ABC):
         reduce: Reduce | None = None,
         hvp_batches: Iterator[Any] | None = None,
         v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> Tree: ...
 
     @overload
@@ -148,6 +155,7 @@ class Solver(ABC):
         reduce: Reduce | None = None,
         hvp_batches: Iterator[Any] | None = None,
         v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> tuple[Tree, HypergradInfo]: ...
 
     def hypergrad(
@@ -162,6 +170,7 @@ class Solver(ABC):
         reduce: Reduce | None = None,
         hvp_batches: Iterator[Any] | None = None,
         v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> Tree | tuple[Tree, HypergradInfo]:
         """Estimate ``dF/dhparams`` at ``(params, hparams)``.
 
@@ -184,6 +193,9 @@ class Solver(ABC):
                 ``v ~ H^{-1} grad_theta f`` (a tree like ``params``, e.g. the ``info.v`` of a previous call at
                 a nearby point), from which the linear solve starts (:func:`bilevel.linalg.conjugate_gradient`,
                 :func:`bilevel.linalg.neumann_series`); one more product.
+            preconditioner: for solvers with ``takes_preconditioner`` (SAMA): the diagonal ``P`` of
+                ``H^{-1} ~ P`` for this call, a tree like ``params`` (e.g.
+                :func:`bilevel.solvers.sama.sama_preconditioner` of the inner optimizer); None: the identity.
 
         Returns:
             a dict with the keys, shapes, dtype and device of ``hparams``, without autograd history.
@@ -191,13 +203,14 @@ class Solver(ABC):
         Raises:
             TypeError / ValueError: malformed or empty dicts, mixed dtypes or devices, an objective
                 that does not return a 0-dim floating tensor, ``hvp_batches`` for a solver that draws
-                none, ``v0`` for a solver without ``supports_warm_start`` or not shaped like ``params``.
+                none, ``v0`` for a solver without ``supports_warm_start`` or not shaped like ``params``,
+                ``preconditioner`` for a solver without ``takes_preconditioner`` or not shaped like ``params``.
             FloatingPointError: a non-finite objective or hypergradient.
         """
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
         _, device = check_trees(params, hparams)
-        call = self._call(device, reduce, hvp_batches, v0)
+        call = self._call(device, reduce, hvp_batches, v0, preconditioner)
         return self._finish(
             call,
             lambda: self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, call),
@@ -205,7 +218,12 @@ class Solver(ABC):
         )
 
     def _call(
-        self, device: torch.device, reduce: Reduce | None, hvp_batches: Iterator[Any] | None, v0: Tree | None = None
+        self,
+        device: torch.device,
+        reduce: Reduce | None,
+        hvp_batches: Iterator[Any] | None,
+        v0: Tree | None = None,
+        preconditioner: Tree | None = None,
     ) -> Call:
         if hvp_batches is not None and not self.draws_hvp_batches:
             raise ValueError(f"{self.name}: hvp_batches= is for solvers that draw fresh HVP batches (stocbio)")
@@ -214,8 +232,13 @@ class Solver(ABC):
                 f"{self.name}: v0= (a warm start) needs an iterative linear solve (aid-cg, aid-fp, stocbio, or AID "
                 f"with bilevel.linalg.cg / neumann); {type(self).__name__} has none to start"
             )
+        if preconditioner is not None and not self.takes_preconditioner:
+            raise ValueError(
+                f"{self.name}: preconditioner= is for solvers that take the inner optimizer's diagonal preconditioner "
+                "(sama)"
+            )
         info = HypergradInfo(solver=self.name, warm_start=v0 is not None)
-        return Call(info, reduce, hvp_batches, sync=device.type == "cuda", v0=v0)
+        return Call(info, reduce, hvp_batches, sync=device.type == "cuda", v0=v0, preconditioner=preconditioner)
 
     def _finish(self, call: Call, compute: Callable[[], Tree], return_info: bool) -> Tree | tuple[Tree, HypergradInfo]:
         """Run ``compute`` timed, with the math attention kernel, and check that its result is finite."""

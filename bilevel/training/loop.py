@@ -20,6 +20,7 @@ from ..checkpoint import FORMAT, load_checkpoint, save_checkpoint, set_rng_state
 from ..problem import BilevelProblem, Objective, check_differentiable
 from ..products import Linearization, Reduce
 from ..solvers import HypergradInfo, Solver
+from ..solvers.sama import check_sama_optimizer, sama_preconditioner
 from . import state as _state
 from .config import NonFiniteError, TrainerConfig
 from .metrics import MetricsLogger
@@ -143,6 +144,7 @@ class BilevelTrainer:
         self._hvp_stream: Stream | None = None  # fresh HVP batches during fit (solvers that draw them)
         self.resumed_with_changes: list[str] = []  # configuration changes accepted by the last load
         self._warm_v: Tree | None = None  # the last hyper step's v, the next one's v0 (config.warm_start)
+        self._applied_grads: Tree | None = None  # the last inner update's gradient (SAMA's preconditioner)
 
     # ------------------------------------------------------------------ state
     @property
@@ -326,6 +328,8 @@ class BilevelTrainer:
             p.grad = gr.detach().to(p.dtype)
         if self.config.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self._params, self.config.clip_grad_norm)
+        if self.solver is not None and self.solver.takes_preconditioner:  # the gradient Adam applied (SAMA)
+            self._applied_grads = {n: p.grad for n, p in zip(self._names, self._params, strict=True)}
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -349,12 +353,28 @@ class BilevelTrainer:
     def _hypergrad(self, inner_batch: Any, outer_batch: Any, lin: Linearization | None) -> tuple[Tree, HypergradInfo]:
         assert self.solver is not None and self.problem is not None
         warm = {"v0": self._warm_v} if self.config.warm_start and self._warm_v is not None else {}
+        if self.solver.takes_preconditioner:
+            warm["preconditioner"] = self._preconditioner(lin)
         if lin is not None:
             return self.solver.hypergrad_at(lin, outer_batch, return_info=True, hvp_batches=self._hvp_stream, **warm)  # type: ignore[attr-defined]
         return self.solver.hypergrad(
             self.problem, self.params, self.hparams, inner_batch, outer_batch,
             return_info=True, reduce=self.reduce, hvp_batches=self._hvp_stream, **warm,
         )  # fmt: skip
+
+    def _preconditioner(self, lin: Linearization | None) -> Tree | None:
+        """SAMA's diagonal ``P`` (:func:`~bilevel.solvers.sama.sama_preconditioner`) for the inner step next to
+        this hyper step: with a shared linearisation the step still to come (its gradient from ``lin``),
+        otherwise the step just taken (the gradient it applied, after clipping)."""
+        named = dict(zip(self._names, self._params, strict=True))
+        if lin is not None:
+            grads = {n: lin.grad_theta[n].detach() for n in self._names}
+            return sama_preconditioner(self.optimizer, named, grads, applied=False)
+        if self._applied_grads is None:
+            raise ValueError(
+                f"step {self.step_count + 1}: SAMA's preconditioner needs an inner update before the first hyper step"
+            )
+        return sama_preconditioner(self.optimizer, named, self._applied_grads, applied=True)
 
     def _hyper(
         self, inner_batch: Any, outer_batch: Any, snap: dict[str, Any] | None, lin: Linearization | None = None
@@ -561,6 +581,8 @@ def _check_args(model, optimizer, inner, outer, meta_model, meta_optimizer, solv
                 f"TrainerConfig.share_linearization needs an AID solver (aid-cg, aid-fp, aid-fp-lite, stocbio), "
                 f"got {type(solver).__name__}"
             )
+        if solver.takes_preconditioner:
+            check_sama_optimizer(optimizer)  # SAMA reads the inner optimizer's state: SGD or Adam / AdamW
         if config.warm_start and not solver.supports_warm_start:
             raise ValueError(
                 f"TrainerConfig.warm_start needs a solver with an iterative linear solve to start (aid-cg, aid-fp, "
