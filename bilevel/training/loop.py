@@ -19,7 +19,7 @@ from .._tree import Tree, all_finite
 from ..checkpoint import FORMAT, load_checkpoint, save_checkpoint, set_rng_state
 from ..problem import BilevelProblem, Objective, check_differentiable
 from ..products import Linearization, Reduce
-from ..solvers import HypergradInfo, Solver
+from ..solvers import SOLVERS, AIDSolver, HypergradInfo, Solver
 from ..solvers.sama import check_sama_optimizer, sama_preconditioner
 from . import state as _state
 from .config import NonFiniteError, TrainerConfig
@@ -564,6 +564,11 @@ def _check_fit_args(
         raise ValueError(f"fit: checkpoint_path {str(checkpoint_path)!r} is a directory; give a file path")
 
 
+def _aid_solver_names() -> list[str]:
+    """The registered solvers that take a linearisation (the AID ones), for error messages."""
+    return sorted(n for n, cls in SOLVERS.items() if issubclass(cls, AIDSolver))
+
+
 def _check_args(model, optimizer, inner, outer, meta_model, meta_optimizer, solver, config) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -578,7 +583,7 @@ def _check_args(model, optimizer, inner, outer, meta_model, meta_optimizer, solv
             raise ValueError("a solver needs outer=, meta_model= and meta_optimizer=")
         if config.share_linearization and not callable(getattr(solver, "hypergrad_at", None)):
             raise ValueError(
-                f"TrainerConfig.share_linearization needs an AID solver (aid-cg, aid-fp, aid-fp-lite, stocbio), "
+                f"TrainerConfig.share_linearization needs an AID solver ({', '.join(_aid_solver_names())}), "
                 f"got {type(solver).__name__}"
             )
         if solver.takes_preconditioner:
