@@ -21,7 +21,14 @@ made) serves an AID hypergradient directly: ``solver.hypergrad_at(lin, outer_bat
 """
 
 from . import linalg
-from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDivergenceError, NeumannDivergenceWarning
+from .errors import (
+    ITDDivergenceError,
+    ITDDivergenceWarning,
+    NegativeCurvatureError,
+    NegativeCurvatureWarning,
+    NeumannDivergenceError,
+    NeumannDivergenceWarning,
+)
 from .functional import FunctionalModule, functional_module, load_params
 from .problem import BilevelProblem
 from .products import Linearization
@@ -55,6 +62,8 @@ __all__ = [
     "Callback",
     "FunctionalModule",
     "HypergradInfo",
+    "ITDDivergenceError",
+    "ITDDivergenceWarning",
     "Linearization",
     "NegativeCurvatureError",
     "NegativeCurvatureWarning",

@@ -43,10 +43,12 @@ class HypergradInfo:
     Attributes:
         solver: the solver's registry name.
         iters: linear-solve iterations (AID) or unrolled steps (ITD) performed.
-        residuals: CG residual norms ``||b - H v_k||``, or Neumann term norms ``||p_j||``.
+        residuals: CG residual norms ``||b - H v_k||``, Neumann term norms ``||p_j||``, or ITD's adjoint norms
+            ``||dF/dtheta_t||`` (``t = T, T-1, ...``; :class:`~bilevel.ITD`).
         converged: CG met its tolerance (None where the solver has no stopping test).
         negative_curvature: CG met ``p^T H p <= 0``.
-        diverged: the Neumann series grew (see :func:`bilevel.linalg.neumann_series`).
+        diverged: the Neumann series grew (see :func:`bilevel.linalg.neumann_series`), or ITD's adjoints did
+            (``on_divergence`` of :class:`~bilevel.ITD`).
         n_hvp: Hessian-vector products evaluated (with a warm start, one more than ``iters``: ``H v0``).
         inner_value, outer_value: ``g`` and ``f`` at the given point (ITD: ``f`` after unrolling).
         times: wall-clock seconds per stage and ``"total"`` (CUDA is synchronised per stage).

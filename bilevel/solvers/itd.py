@@ -89,8 +89,8 @@ class ITD(Solver):
     SGD and ``3.7/L`` for momentum). Adam is not tested for growth: its step is bounded
     (``|Delta theta| <= lr (1-beta1)/sqrt(1-beta2)`` per coordinate), so its iterates cannot run away,
     and its Jacobian is large near stationary points by design (``1/sqrt(v)``). ``"raise"``
-    (default): ``bilevel.errors.ITDDivergenceError`` (a ``FloatingPointError``), since a 1e10
-    hypergradient silently returned would wreck training; ``"warn"`` (``ITDDivergenceWarning``) or
+    (default): :class:`~bilevel.ITDDivergenceError` (a ``FloatingPointError``), since a 1e10
+    hypergradient silently returned would wreck training; ``"warn"`` (:class:`~bilevel.ITDDivergenceWarning`) or
     ``"ignore"``: return the computed value, the exact derivative of the ``T``-step unroll, with
     ``info.diverged = True``. A non-finite inner value after the first step or a non-finite adjoint
     always raises ``ITDDivergenceError`` naming it non-finite (there is no finite value to return).
