@@ -142,17 +142,19 @@ def neumann(
     on_divergence: SolvePolicy = "raise",
     divergence_factor: float = 10.0,
     growth_tol: float | None = GROWTH_TOL,
+    check_every: int = 1,
 ) -> LinearSolve:
     """The truncated Neumann series as a linear solve: ``neumann(...)(matvec, b)`` is :func:`neumann_series`."""
     check_int("iters", iters, 0)
     check_positive("alpha", alpha)
     check_positive("divergence_factor", divergence_factor)
     check_choice("on_divergence", on_divergence, POLICIES)
+    check_int("check_every", check_every, 1)
     if growth_tol is not None:
         check_positive("growth_tol", growth_tol)
     return partial(
         neumann_series, iters=iters, alpha=alpha, on_divergence=on_divergence, divergence_factor=divergence_factor,
-        growth_tol=growth_tol,
+        growth_tol=growth_tol, check_every=check_every,
     )  # fmt: skip
 
 
@@ -302,6 +304,7 @@ def neumann_series(
     divergence_factor: float = 10.0,
     growth_tol: float | None = 1e-8,
     x0: Tree | None = None,
+    check_every: int = 1,
 ) -> tuple[Tree, SolveResult]:
     """Approximate ``H^{-1} b`` by the truncated Neumann series with ``iters`` + 1 terms:
 
@@ -329,6 +332,13 @@ def neumann_series(
     steps of the fixed point ``v <- v + alpha (b - H v)`` started at ``x0`` (the cold series is the
     same from ``0``), so its error is ``(I - alpha H)^{iters+1} (x0 - H^{-1} b)``: a good ``x0`` gives a
     small one. It costs one more product (``H x0``, on its own fresh batch for a stochastic matvec).
+
+    ``check_every = k``: the term norms stay on the device and the divergence tests run every ``k`` terms
+    (and after the last), one host synchronisation per ``k`` terms instead of one per term (on a GPU each
+    ``float(norm)`` waits for the device). The up to ``k`` unchecked terms are kept (``k`` trees of
+    memory) so that a divergence found late returns exactly what ``check_every=1`` returns: the sum of the
+    terms before the first divergent one (and ``k - 1`` more products may have been spent past it). The
+    result is bitwise that of ``check_every=1`` otherwise.
     """
     result = SolveResult()
     base: Tree | None = None
@@ -340,30 +350,38 @@ def neumann_series(
     result.residuals.append(b_norm)
     v, p, prev = b, b, b_norm
     growth = growth_tol is not None and not getattr(hvp, "stochastic", False)
+    pending: list[tuple[Tree, Tensor]] = []  # terms computed, not yet checked: (p_j, ||p_j|| on the device)
     for j in range(iters):
-        hp = hvp(p)
-        p_next = tree_add(p, hp, -alpha)
-        p_norm = float(tree_norm(p_next))
-        result.iters = j + 1
-        result.residuals.append(p_norm)
-        why = _divergence(p_norm, prev if growth else math.inf, b_norm, divergence_factor, growth_tol or 0.0)
-        if why:
-            result.diverged = True
-            _handle(
-                on_divergence,
-                NeumannDivergenceError,
-                NeumannDivergenceWarning,
-                f"Neumann series diverges: term {j + 1} {why}"
-                + (
-                    ""
-                    if why.startswith("is non-finite")
-                    else f"; alpha={alpha:g} is too large (it must be below 2/L, L the largest eigenvalue of the "
-                    "inner Hessian) or the Hessian is not positive definite: lower alpha"
-                ),
-            )
+        p = tree_add(p, hvp(p), -alpha)
+        pending.append((p, tree_norm(p)))
+        if len(pending) < check_every and j + 1 < iters:
+            continue
+        norms = torch.stack([n for _, n in pending]).tolist()  # the one host synchronisation
+        first = j + 2 - len(pending)  # the index of pending[0]'s term
+        for i, ((term, _), p_norm) in enumerate(zip(pending, norms, strict=True)):
+            result.iters = first + i
+            result.residuals.append(p_norm)
+            why = _divergence(p_norm, prev if growth else math.inf, b_norm, divergence_factor, growth_tol or 0.0)
+            if why:
+                result.diverged = True
+                _handle(
+                    on_divergence,
+                    NeumannDivergenceError,
+                    NeumannDivergenceWarning,
+                    f"Neumann series diverges: term {first + i} {why}"
+                    + (
+                        ""
+                        if why.startswith("is non-finite")
+                        else f"; alpha={alpha:g} is too large (it must be below 2/L, L the largest eigenvalue of "
+                        "the inner Hessian) or the Hessian is not positive definite: lower alpha"
+                    ),
+                )
+                break
+            prev = p_norm
+            v = tree_add(v, term)
+        if result.diverged:
             break
-        p, prev = p_next, p_norm
-        v = tree_add(v, p)
+        pending.clear()
     v = tree_scale(v, alpha)
     return (v if base is None else tree_add(base, v)), result
 

@@ -28,6 +28,8 @@ class AIDFP(AIDSolver):
             grows past ``divergence_factor * ||grad_theta f||`` or is non-finite, ``"warn"`` or
             ``"ignore"`` (stop summing there; ``info.diverged`` is set).
         divergence_factor: growth that counts as divergence.
+        check_every: test for divergence every ``k`` terms (one host synchronisation per ``k`` terms; see
+            :func:`bilevel.linalg.neumann_series`); the same result.
         hvp: how ``H p`` is taken: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"``
             (see :mod:`bilevel.products`).
         mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
@@ -56,6 +58,7 @@ class AIDFP(AIDSolver):
     alpha: float = 0.01
     on_divergence: SolvePolicy = "raise"
     divergence_factor: float = 10.0
+    check_every: int = 1
     hvp: HVPMode = "autograd"
     mixed: MixedMode = "autograd"
     fd_radius: float = 1e-2
@@ -63,4 +66,4 @@ class AIDFP(AIDSolver):
     name = "aid-fp"
 
     def linear_solve(self) -> LinearSolve:
-        return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor)
+        return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor, check_every=self.check_every)

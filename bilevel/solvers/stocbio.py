@@ -29,6 +29,7 @@ class StocBiO(AIDSolver):
         alpha: step of the series; must be below ``2/L`` (``L`` the largest eigenvalue of ``H``).
         on_divergence: ``"raise"`` (default), ``"warn"`` or ``"ignore"``, as in :class:`~bilevel.AIDFP`.
         divergence_factor: growth of a term (relative to ``||grad_theta f||``) that counts as divergence.
+        check_every: test for divergence every ``k`` terms (see :func:`bilevel.linalg.neumann_series`).
         hvp: ``"autograd"`` (default), ``"rev-rev"``, ``"fwd-rev"`` or ``"fd"`` (see :mod:`bilevel.products`).
         mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
             (see :mod:`bilevel.products`).
@@ -59,6 +60,7 @@ class StocBiO(AIDSolver):
     alpha: float = 0.01
     on_divergence: SolvePolicy = "raise"
     divergence_factor: float = 10.0
+    check_every: int = 1
     hvp: HVPMode = "autograd"
     batches: Iterable[Any] | None = field(default=None, repr=False)
     mixed: MixedMode = "autograd"
@@ -72,7 +74,7 @@ class StocBiO(AIDSolver):
         _check_batches(self.batches)
 
     def linear_solve(self) -> LinearSolve:
-        return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor)
+        return neumann(self.iters, self.alpha, self.on_divergence, self.divergence_factor, check_every=self.check_every)
 
     def matvec(self, lin: Linearization, call: Call) -> MatVec:
         batches = call.hvp_batches if call.hvp_batches is not None else self._own_batches()
