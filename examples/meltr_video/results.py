@@ -162,7 +162,10 @@ def _run(cfg: FinetuneConfig, data: Any, pre: Any) -> dict[str, Any]:
         except json.JSONDecodeError:
             prev = {}
         have = {k: v for k, v in prev.get("config", {}).items() if k not in ("progress", "resume", "out")}
-        if have == want and (prev.get("test") is not None or not cfg.eval_test) and prev.get("best_val"):
+        # finished: every epoch run (results.json is rewritten after each epoch, so a run stopped part-way
+        # has a best_val too) and, where asked for, the test read
+        finished = len(prev.get("epochs", [])) >= cfg.epochs and (prev.get("test") is not None or not cfg.eval_test)
+        if have == want and finished and prev.get("best_val"):
             return prev
     run = FinetuneRun(cfg, data, pre)
     while not run.done:

@@ -386,3 +386,35 @@ def test_initial_meltr_weights(bed, monkeypatch):
     for r in rows:
         assert len(r["weights"]) == 8 and all(np.isfinite(list(r["weights"].values())))
     assert rows[0]["L_aux"] != rows[1]["L_aux"] and rows[0]["losses"] == rows[1]["losses"]
+
+
+def test_cached_run_is_read_back_only_when_finished(tmp_path, monkeypatch):
+    """results.json is rewritten after every epoch: a run stopped part-way (fewer epochs, or no test read) is
+    trained again, not read back as finished."""
+    from dataclasses import asdict
+
+    from examples.meltr_video import results as R
+    from examples.meltr_video.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(epochs=3, out=str(tmp_path / "run"), progress=False, eval_test=False)
+    (tmp_path / "run").mkdir()
+    rec = {"config": asdict(cfg), "epochs": [{"epoch": 1}, {"epoch": 2}], "best_val": {"R@1": 1.0}, "test": None}
+    (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
+
+    class Trained(Exception):
+        pass
+
+    def train(*a, **k):
+        raise Trained
+
+    monkeypatch.setattr(R, "FinetuneRun", train)
+    with pytest.raises(Trained):
+        R._run(cfg, None, None)  # 2 of 3 epochs: not finished
+    rec["epochs"].append({"epoch": 3})
+    (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
+    assert R._run(cfg, None, None)["best_val"] == {"R@1": 1.0}  # finished: read back
+    tested = FinetuneConfig(epochs=3, out=str(tmp_path / "run"), progress=False, eval_test=True)
+    rec["config"] = asdict(tested)
+    (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
+    with pytest.raises(Trained):
+        R._run(tested, None, None)  # every epoch, but the test was never read
