@@ -449,11 +449,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
     try:
         cfg = config_from_args(a)
     except ValueError as e:
         p.error(str(e))
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        p.error(
+            f"--pretrained {cfg.pretrained}: no such file; run `python -m examples.meltr_video.pretrain --backbone "
+            f"{cfg.backbone} --data {cfg.data} --out {cfg.pretrained}` first"
+        )
+    torch.set_num_threads(a.threads)
     cfg.out = a.out or f"runs/finetune/{a.backbone}-{a.task}-{cfg.name}-s{a.seed}"
     return finetune(cfg)
 

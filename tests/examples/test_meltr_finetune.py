@@ -266,3 +266,14 @@ def test_resume_with_other_settings_is_refused_before_loading(tmp_path, data, pr
         ft.FinetuneRun(cfg(**kw, resume=True, K=5, iters=7, lr=0.5), data, pretrained)
     more = ft.FinetuneRun(cfg(**{**kw, "epochs": 3}, resume=True), data, pretrained)  # more epochs: allowed
     assert more.epoch == 1
+
+
+def test_cli_refuses_a_missing_pretrained_file_and_bad_threads(tmp_path, capsys):
+    for argv, word in (
+        (["--pretrained", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o")], "no such file"),
+        (["--threads", "0", "--out", str(tmp_path / "o")], "--threads must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            ft.main(argv)
+        assert exc.value.code == 2 and word in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
