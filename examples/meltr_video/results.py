@@ -71,6 +71,9 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 SEARCH_SEED = 1000
 _TYPES = {f.name: f.type for f in fields(FinetuneConfig)}
+#: plain defaults of FinetuneConfig's fields: a field added after a run was recorded compares equal when the new
+#: run leaves it at its default (so adding an option does not invalidate the cache or the committed records)
+_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig) if isinstance(f.default, int | float | str | None)}
 _SOLVER_LABEL = {
     "aid-fp-lite": "AID-FP-Lite", "aid-cg": "AID-CG", "aid-fp": "AID-FP", "itd": "ITD", "stocbio": "StocBiO",
 }  # fmt: skip
@@ -162,6 +165,7 @@ def _run(cfg: FinetuneConfig, data: Any, pre: Any) -> dict[str, Any]:
         except json.JSONDecodeError:
             prev = {}
         have = {k: v for k, v in prev.get("config", {}).items() if k not in ("progress", "resume", "out")}
+        have = {**{k: _DEFAULTS[k] for k in want.keys() - have.keys() if k in _DEFAULTS}, **have}
         # finished: every epoch run (results.json is rewritten after each epoch, so a run stopped part-way
         # has a best_val too) and, where asked for, the test read
         finished = len(prev.get("epochs", [])) >= cfg.epochs and (prev.get("test") is not None or not cfg.eval_test)
@@ -187,8 +191,9 @@ def _scaled_weights(backbone: str, task: str, data: Any, pre: Any, base: Mapping
 
 def _portable(base: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with the pretrained path made clone-independent (a path inside this repository is kept
-    relative to it, so records written in another checkout compare equal)."""
-    out = dict(base)
+    relative to it, so records written in another checkout compare equal) and FinetuneConfig fields the record
+    predates filled in with their defaults."""
+    out = {**_DEFAULTS, **base}
     pre = out.get("pretrained")
     if isinstance(pre, str):
         parts = Path(pre).parts

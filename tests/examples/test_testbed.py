@@ -346,6 +346,14 @@ def test_run_comparison_small(tmp_path, bed, tiny_pre, monkeypatch):
         args = {"rows": rows[:1], "seeds": [0, 1], "base": base, "lr_grid": [1e-3, 2e-3]} | kw
         with pytest.raises(AssertionError, match="trained again"):
             R.run_comparison(**args, out_root=tmp_path / "fresh", progress=False, reuse=records)
+    old_rec = json.loads(json.dumps(rec))
+    del old_rec["base"]["eval_threads"]  # a record written before the field existed: reused all the same
+    (tmp_path / "old.json").write_text(json.dumps(old_rec))
+    again = R.run_comparison(
+        rows[:1], [0, 1], base, [1e-3, 2e-3], tmp_path / "fresh", progress=False,
+        reuse=R.load_records([tmp_path / "old.json"]),
+    )  # fmt: skip
+    assert again["rows"]["single"]["runs"] == rec["rows"]["single"]["runs"]
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json"):
         R.load_records([tmp_path / "bad.json"])
@@ -413,6 +421,11 @@ def test_cached_run_is_read_back_only_when_finished(tmp_path, monkeypatch):
     rec["epochs"].append({"epoch": 3})
     (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
     assert R._run(cfg, None, None)["best_val"] == {"R@1": 1.0}  # finished: read back
+    del rec["config"]["eval_threads"]  # a run recorded before a field existed, the new run at its default
+    (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
+    assert R._run(cfg, None, None)["best_val"] == {"R@1": 1.0}
+    with pytest.raises(Trained):  # ... but not when the new run sets it
+        R._run(FinetuneConfig(**{**asdict(cfg), "eval_threads": 2}), None, None)
     tested = FinetuneConfig(epochs=3, out=str(tmp_path / "run"), progress=False, eval_test=True)
     rec["config"] = asdict(tested)
     (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
