@@ -211,19 +211,7 @@ class ITD(Solver):
             if self.checkpoint and k:
                 theta = _unroll_checkpointed(self, g, theta, phi, inner_batch, reduce, state, start, values, sq)
             else:
-                for t in range(start, self.steps):
-                    g_val = g(theta, phi, inner_batch)
-                    _check_inner(g_val, t)
-                    check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
-                    if not values:
-                        values.append(g_val.detach())
-                    g_theta = grad_tree(g_val, theta, create_graph=True)
-                    if reduce is not None:
-                        g_theta = dict(
-                            zip(g_theta, _ReduceMean.apply(reduce, list(g_theta), *g_theta.values()), strict=True)
-                        )
-                    theta = _step(self, theta, g_theta, state, t)
-                    iterates.append(theta)
+                theta = _unroll_plain(self, g, theta, phi, inner_batch, reduce, state, start, values, iterates)
             f_val = f(theta, phi, outer_batch)
             check_finite(f_val.detach(), "outer", "f after the unrolled steps of ITD")
             if sq is not None:  # hooks only now: the next step's grad_theta g would pass through them too
@@ -241,34 +229,55 @@ class ITD(Solver):
                 raise ValueError(f"hparams may not have the key {_NORMS_KEY!r} (reserved by ITD)")
             hg = dict(reduce({**hg, _NORMS_KEY: norms}))
             norms = hg.pop(_NORMS_KEY)
-        self._check_adjoints(norms.tolist(), start, info)
+        _check_adjoints(self, norms.tolist(), start, info)
         return hg
 
-    def _check_adjoints(self, norms: list[float], start: int, info: Any) -> None:
-        """Apply ``on_divergence`` to the adjoint norms ``||a_t||``, ``t = start+1 .. T`` (in that order)."""
-        info.residuals = norms[::-1]
-        ref, factor = norms[-1], self.divergence_factor
-        for i in range(len(norms) - 1, -1, -1):  # backward order: t = T, T-1, ...
-            t, a = start + 1 + i, norms[i]
-            if not math.isfinite(a):
-                info.diverged = True
-                raise ITDDivergenceError(
-                    f"ITD diverges: the adjoint dF/dtheta_{t} (unrolled step {t - 1}) is non-finite ({a}); lower lr "
-                    f"(={self.lr:g})"
-                )
-            if a > factor * ref:  # type: ignore[operator]
-                info.diverged = True
-                msg = (
-                    f"ITD diverges: the adjoint dF/dtheta_{t} has norm {a:.3e} > {factor:g} x ||grad_theta f("
-                    f"theta_T)|| = {ref:.3e}, {self.steps - t} steps before the end: the unrolled {self.optimizer} "
-                    f"steps are unstable, lr={self.lr:g} is too large (SGD needs lr < 2/L, momentum lr < "
-                    "2 (1 + momentum)/L, L the largest eigenvalue of the inner Hessian): lower lr"
-                )
-                if self.on_divergence == "raise":
-                    raise ITDDivergenceError(msg)
-                if self.on_divergence == "warn":
-                    warnings.warn(msg, ITDDivergenceWarning, stacklevel=6)
-                return
+
+def _unroll_plain(
+    opt: ITD, g: Callable, theta: Tree, phi: Tree, batch: Any, reduce: Any, state: dict[str, Tree], start: int,
+    values: list[Tensor], iterates: list[Tree],
+) -> Tree:  # fmt: skip
+    """The differentiated steps ``start .. T-1`` with their graphs kept (``create_graph``); appends each iterate
+    to ``iterates`` and ``g(theta_0)`` to ``values`` when it is empty; returns ``theta_T``."""
+    for t in range(start, opt.steps):
+        g_val = g(theta, phi, batch)
+        _check_inner(g_val, t)
+        check_differentiable(g_val, "inner", f"unrolled step {t} of ITD")
+        if not values:
+            values.append(g_val.detach())
+        g_theta = grad_tree(g_val, theta, create_graph=True)
+        if reduce is not None:
+            g_theta = dict(zip(g_theta, _ReduceMean.apply(reduce, list(g_theta), *g_theta.values()), strict=True))
+        theta = _step(opt, theta, g_theta, state, t)
+        iterates.append(theta)
+    return theta
+
+
+def _check_adjoints(opt: ITD, norms: list[float], start: int, info: Any) -> None:
+    """Apply ``on_divergence`` to the adjoint norms ``||a_t||``, ``t = start+1 .. T`` (in that order)."""
+    info.residuals = norms[::-1]
+    ref, factor = norms[-1], opt.divergence_factor
+    for i in range(len(norms) - 1, -1, -1):  # backward order: t = T, T-1, ...
+        t, a = start + 1 + i, norms[i]
+        if not math.isfinite(a):
+            info.diverged = True
+            raise ITDDivergenceError(
+                f"ITD diverges: the adjoint dF/dtheta_{t} (unrolled step {t - 1}) is non-finite ({a}); lower lr "
+                f"(={opt.lr:g})"
+            )
+        if a > factor * ref:  # type: ignore[operator]
+            info.diverged = True
+            msg = (
+                f"ITD diverges: the adjoint dF/dtheta_{t} has norm {a:.3e} > {factor:g} x ||grad_theta f("
+                f"theta_T)|| = {ref:.3e}, {opt.steps - t} steps before the end: the unrolled {opt.optimizer} "
+                f"steps are unstable, lr={opt.lr:g} is too large (SGD needs lr < 2/L, momentum lr < "
+                "2 (1 + momentum)/L, L the largest eigenvalue of the inner Hessian): lower lr"
+            )
+            if opt.on_divergence == "raise":
+                raise ITDDivergenceError(msg)
+            if opt.on_divergence == "warn":
+                warnings.warn(msg, ITDDivergenceWarning, stacklevel=6)
+            return
 
 
 def _check_inner(g_val: Tensor, t: int) -> None:
