@@ -164,25 +164,7 @@ class ITD(Solver):
     name = "itd"
 
     def __post_init__(self) -> None:
-        check_int("steps", self.steps, 0)
-        check_positive("lr", self.lr)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_unit_interval("momentum", self.momentum)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        check_positive("eps", self.eps)
-        if not self.eps_root >= 0.0:
-            raise ValueError(f"eps_root must be >= 0, got {self.eps_root!r}")
-        if self.truncate is not None:
-            if isinstance(self.truncate, bool) or not isinstance(self.truncate, int):
-                raise TypeError(f"truncate must be an int or None, got {self.truncate!r}")
-            if not 1 <= self.truncate <= self.steps:
-                raise ValueError(f"truncate must be in [1, steps={self.steps}], got {self.truncate!r}")
-        if not isinstance(self.checkpoint, bool):
-            raise TypeError(f"checkpoint must be a bool, got {self.checkpoint!r}")
-        check_choice("on_divergence", self.on_divergence, POLICIES)
-        if self.divergence_factor is not None:
-            check_positive("divergence_factor", self.divergence_factor)
+        _check_options(self)
 
     @property
     def _watch(self) -> bool:
@@ -231,6 +213,29 @@ class ITD(Solver):
             norms = hg.pop(_NORMS_KEY)
         _check_adjoints(self, norms.tolist(), start, info)
         return hg
+
+
+def _check_options(opt: ITD) -> None:
+    """Refuse bad options, naming the option and the value."""
+    check_int("steps", opt.steps, 0)
+    check_positive("lr", opt.lr)
+    check_choice("optimizer", opt.optimizer, OPTIMIZERS)
+    check_unit_interval("momentum", opt.momentum)
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {opt.betas!r}")
+    check_positive("eps", opt.eps)
+    if not opt.eps_root >= 0.0:
+        raise ValueError(f"eps_root must be >= 0, got {opt.eps_root!r}")
+    if opt.truncate is not None:
+        if isinstance(opt.truncate, bool) or not isinstance(opt.truncate, int):
+            raise TypeError(f"truncate must be an int or None, got {opt.truncate!r}")
+        if not 1 <= opt.truncate <= opt.steps:
+            raise ValueError(f"truncate must be in [1, steps={opt.steps}], got {opt.truncate!r}")
+    if not isinstance(opt.checkpoint, bool):
+        raise TypeError(f"checkpoint must be a bool, got {opt.checkpoint!r}")
+    check_choice("on_divergence", opt.on_divergence, POLICIES)
+    if opt.divergence_factor is not None:
+        check_positive("divergence_factor", opt.divergence_factor)
 
 
 def _unroll_plain(
