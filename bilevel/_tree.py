@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 Tree = dict[str, Tensor]
+LOW_PRECISION: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+"""Params dtypes allowed beside float32 hparams (the mixed-precision policy, docs/math.md "Precision")."""
 
 __all__ = [
     "Tree",

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_int, check_positive
-from ._tree import Tree, tree_add, tree_dot, tree_norm, tree_scale, tree_zeros_like
+from ._tree import LOW_PRECISION, Tree, tree_add, tree_dot, tree_norm, tree_scale, tree_zeros_like
 from .errors import NegativeCurvatureError, NegativeCurvatureWarning, NeumannDivergenceError, NeumannDivergenceWarning
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "nystrom",
     "nystrom_sketch",
     "nystrom_solve",
+    "solve_accumulating",
 ]
 
 MatVec = Callable[[Tree], Tree]
@@ -126,6 +127,37 @@ def check_x0(x0: object, b: Tree) -> Tree:
                 f"{tuple(v.shape)} {v.dtype} on {v.device}"
             )
     return {k: v.detach() for k, v in x0.items()}
+
+
+ACCUMULATOR = torch.float32
+"""The dtype in which :func:`solve_accumulating` runs a solve whose right-hand side is low precision."""
+
+
+def solve_accumulating(solve: LinearSolve, matvec: MatVec, b: Tree, **kwargs: object) -> tuple[Tree, SolveResult]:
+    """``solve(matvec, b, **kwargs)`` with float32 accumulators when ``b`` has bfloat16 / float16 leaves.
+
+    The mixed-precision policy (docs/math.md, "Precision"): products are taken in the params' dtype, the
+    solve accumulates in float32. The leaves of ``b`` (and of a warm start ``x0``) that are bfloat16 or
+    float16 are upcast to float32; ``matvec`` is wrapped so that each direction ``p`` is cast down to
+    that leaf's dtype before the product and ``H p`` is cast back up to float32. CG's residual, direction
+    and dot products, the Neumann sum and Nyström's sketch and small dense solve are then float32. The
+    returned ``v`` is float32 on those leaves (cast it down before a product in the params' dtype).
+    Without low-precision leaves this is ``solve(matvec, b, **kwargs)`` unchanged.
+    """
+    low = {k: v.dtype for k, v in b.items() if v.dtype in LOW_PRECISION}
+    if not low:
+        return solve(matvec, b, **kwargs)
+
+    def up(tree: Tree) -> Tree:
+        return {k: t.to(ACCUMULATOR) if k in low else t for k, t in tree.items()}
+
+    def matvec32(p: Tree) -> Tree:
+        return up(matvec({k: t.to(low[k]) if k in low else t for k, t in p.items()}))
+
+    x0 = kwargs.get("x0")
+    if isinstance(x0, dict):
+        kwargs = {**kwargs, "x0": up(x0)}
+    return solve(matvec32, up(b), **kwargs)
 
 
 def cg(iters: int = 20, tol: float = 1e-10, on_negative_curvature: SolvePolicy = "warn") -> LinearSolve:

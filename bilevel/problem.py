@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._tree import Tree
+from ._tree import LOW_PRECISION, Tree
 
 __all__ = ["BilevelProblem", "Objective", "check_differentiable", "check_finite", "check_trees"]
 
@@ -105,12 +105,17 @@ def check_differentiable(value: Tensor, level: str, stage: str) -> None:
 
 
 def check_trees(params: Tree, hparams: Tree) -> tuple[torch.dtype, torch.device]:
-    """Validate ``params`` and ``hparams``; return their common dtype and device.
+    """Validate ``params`` and ``hparams``; return the params' dtype and the common device.
 
-    Both must be non-empty ``dict[str, Tensor]`` of floating tensors that share one dtype and one
-    device. Raises ``TypeError`` / ``ValueError`` naming the offending key otherwise.
+    Both must be non-empty ``dict[str, Tensor]`` of floating tensors on one device. All params share
+    one dtype and all hparams share one dtype, and the two dtypes are equal, with one exception (the
+    mixed-precision policy): bfloat16 or float16 params beside float32 hparams. Any other mix (e.g.
+    float64 params with float32 hparams, or float32 params with bfloat16 hparams) is refused: it would
+    round the hypergradient, or the solve's float32 accumulators, to the lower of the two precisions
+    without saying so. Raises ``TypeError`` / ``ValueError`` naming the offending key otherwise.
     """
-    ref: tuple[str, Tensor] | None = None
+    refs: dict[str, tuple[str, Tensor]] = {}
+    device_ref: tuple[str, Tensor] | None = None
     for tname, tree in (("params", params), ("hparams", hparams)):
         if not isinstance(tree, dict):
             raise TypeError(f"{tname} must be a dict[str, Tensor], got {type(tree).__name__}")
@@ -124,19 +129,23 @@ def check_trees(params: Tree, hparams: Tree) -> tuple[torch.dtype, torch.device]
                 raise TypeError(f"{where} must be a Tensor, got {type(leaf).__name__}")
             if not leaf.is_floating_point():
                 raise ValueError(f"{where} has dtype {leaf.dtype}; params and hparams must be floating point")
-            if ref is None:
-                ref = (where, leaf)
-                continue
-            rwhere, rleaf = ref
+            if device_ref is None:
+                device_ref = (where, leaf)
+            elif leaf.device != device_ref[1].device:
+                raise ValueError(
+                    f"mixed devices: {where} is on {leaf.device} but {device_ref[0]} is on {device_ref[1].device}; "
+                    "params and hparams must share one device"
+                )
+            rwhere, rleaf = refs.setdefault(tname, (where, leaf))
             if leaf.dtype != rleaf.dtype:
                 raise ValueError(
                     f"mixed dtypes: {where} is {leaf.dtype} but {rwhere} is {rleaf.dtype}; "
-                    "params and hparams must share one dtype"
+                    f"all {tname} must share one dtype"
                 )
-            if leaf.device != rleaf.device:
-                raise ValueError(
-                    f"mixed devices: {where} is on {leaf.device} but {rwhere} is on {rleaf.device}; "
-                    "params and hparams must share one device"
-                )
-    assert ref is not None
-    return ref[1].dtype, ref[1].device
+    (pwhere, pleaf), (hwhere, hleaf) = refs["params"], refs["hparams"]
+    if pleaf.dtype != hleaf.dtype and not (pleaf.dtype in LOW_PRECISION and hleaf.dtype == torch.float32):
+        raise ValueError(
+            f"mixed dtypes: {hwhere} is {hleaf.dtype} but {pwhere} is {pleaf.dtype}; params and hparams must share "
+            "one dtype, except bfloat16 / float16 params with float32 hparams (the mixed-precision policy)"
+        )
+    return pleaf.dtype, pleaf.device

@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 
 from .._checks import check_choice, check_positive
 from .._tree import Tree, tree_sub
-from ..linalg import LinearSolve, MatVec, accepts_warm_start
+from ..linalg import LinearSolve, MatVec, accepts_warm_start, solve_accumulating
 from ..problem import BilevelProblem
 from ..products import HVP_MODES, MIXED_MODES, HVPMode, Linearization, MixedMode, Reduce, outer_gradients
 from .base import Call, HypergradInfo, Solver
@@ -82,9 +82,9 @@ class AIDSolver(Solver):
         f_val, f_theta, f_phi = outer
         solve, warm = self.solve_for(call), {} if call.v0 is None else {"x0": call.v0}
         with call.stage("solve"):
-            v, result = solve(self.matvec(lin, call), f_theta, **warm)
-        with call.stage("mixed"):
-            jv = lin.mixed(v)
+            v, result = solve_accumulating(solve, self.matvec(lin, call), f_theta, **warm)
+        with call.stage("mixed"):  # v is float32 where f_theta is bf16 / fp16: the product is in f_theta's dtype
+            jv = lin.mixed({k: t.to(f_theta[k].dtype) for k, t in v.items()})
         call.info.record_solve(result)
         call.info.v = {k: t.detach() for k, t in v.items()}
         call.info.inner_value, call.info.outer_value = float(lin.value), float(f_val)
