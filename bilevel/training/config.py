@@ -8,7 +8,10 @@ from typing import Literal
 
 from .._checks import check_int
 
-__all__ = ["NonFiniteError", "NonFinitePolicy", "TrainerConfig"]
+__all__ = ["Autocast", "NonFiniteError", "NonFinitePolicy", "TrainerConfig"]
+
+Autocast = Literal["bf16", "fp16"]
+"""The reduced-precision compute of :attr:`TrainerConfig.autocast` (None: none)."""
 
 NonFinitePolicy = Literal["raise", "skip"]
 """What a step does with a non-finite loss, gradient or hypergradient (see :mod:`bilevel.training`)."""
@@ -57,6 +60,14 @@ class TrainerConfig:
             (``H v``); CG then needs fewer iterations to reach ``tol`` when consecutive hyper steps are
             close. The kept ``v`` is saved in checkpoints. Needs a solver with ``supports_warm_start``
             (AID-CG, AID-FP, StocBiO, or AID with a CG / Neumann solve; not ITD, AID-FP-Lite or Nyström).
+        autocast: None (default), ``"bf16"`` or ``"fp16"``: the inner update's forward pass (``g``) and the
+            hyper step (the objectives and every product the solver takes) run under
+            ``torch.autocast(device_type of the params, bfloat16 / float16)``; params, hparams, gradients,
+            optimizer states and the solver's accumulators stay float32 (docs/math.md, "Precision").
+            ``"fp16"`` needs the model on a CUDA device and scales the inner loss with a
+            ``torch.amp.GradScaler`` (unscaled before clipping; an overflowing update is skipped by the
+            scaler, not raised); it cannot be combined with ``share_linearization``. The scaler's state is
+            not saved in checkpoints (it restarts at its initial scale on resume).
     """
 
     hyper_every: int = 1
@@ -70,6 +81,7 @@ class TrainerConfig:
     distributed: bool | None = None
     share_linearization: bool = False
     warm_start: bool = False
+    autocast: Autocast | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("hyper_every", 1), ("inner_steps", 1), ("grad_accumulation", 1), ("warmup_steps", 0)):
@@ -84,6 +96,13 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.warm_start must be a bool, got {self.warm_start!r}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"TrainerConfig.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"TrainerConfig.autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        if self.autocast == "fp16" and self.share_linearization:
+            raise ValueError(
+                "TrainerConfig.autocast='fp16' cannot be combined with share_linearization: the shared gradient is "
+                "not scaled by the GradScaler"
+            )
         if self.share_linearization and (self.inner_steps > 1 or self.grad_accumulation > 1):
             raise ValueError(
                 "TrainerConfig.share_linearization needs inner_steps == 1 and grad_accumulation == 1: the shared "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -145,6 +146,14 @@ class BilevelTrainer:
         self.resumed_with_changes: list[str] = []  # configuration changes accepted by the last load
         self._warm_v: Tree | None = None  # the last hyper step's v, the next one's v0 (config.warm_start)
         self._applied_grads: Tree | None = None  # the last inner update's gradient (SAMA's preconditioner)
+        self._scaler = _grad_scaler(config, self._params[0].device)  # fp16 autocast only
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` with :attr:`TrainerConfig.autocast`'s dtype on the params' device, or nothing."""
+        if self.config.autocast is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
+        return torch.autocast(self.device_type, dtype=dtype)
 
     # ------------------------------------------------------------------ state
     @property
@@ -295,21 +304,23 @@ class BilevelTrainer:
         if lin is not None:
             value, grads = float(lin.value), [lin.grad_theta[n] for n in self._names]
         else:
-            loss = self._g(dict(zip(self._names, self._params, strict=True)), self.hparams, batch)
+            with self._autocast():
+                loss = self._g(dict(zip(self._names, self._params, strict=True)), self.hparams, batch)
             check_differentiable(loss, "inner", "inner update")
             value = float(loss.detach())
             if not math.isfinite(value) and cfg.on_nonfinite == "raise":
                 raise self._fail(
                     snap, f"step {step}: inner loss is non-finite ({value}) at the inner level", "inner", value
                 )
-            raw = torch.autograd.grad(loss / cfg.grad_accumulation, self._params, allow_unused=True)
+            scaled = loss if self._scaler is None else self._scaler.scale(loss)
+            raw = torch.autograd.grad(scaled / cfg.grad_accumulation, self._params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, self._params, strict=True)]
         acc = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads, strict=True)]
         if not completes:
             self._acc, self._micro = acc, self._micro + 1
             return InnerResult(value)
         total = bdist.all_reduce_mean_tensors(acc) if self.distributed else acc
-        if all_finite(total):
+        if self._scaler is not None or all_finite(total):  # fp16: the scaler skips an overflowing update
             return InnerResult(value, total)
         if cfg.on_nonfinite == "raise":
             raise self._fail(
@@ -326,11 +337,17 @@ class BilevelTrainer:
         """The inner update with the (summed, all-reduced) gradient ``total``."""
         for p, gr in zip(self._params, total, strict=True):
             p.grad = gr.detach().to(p.dtype)
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
         if self.config.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self._params, self.config.clip_grad_norm)
         if self.solver is not None and self.solver.takes_preconditioner:  # the gradient Adam applied (SAMA)
             self._applied_grads = {n: p.grad for n, p in zip(self._names, self._params, strict=True)}
-        self.optimizer.step()
+        if self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         for p in self._params:
@@ -343,7 +360,8 @@ class BilevelTrainer:
         is non-finite under ``on_nonfinite="skip"`` (the step's inner update is then skipped)."""
         assert self.problem is not None and self.solver is not None
         try:
-            return self.solver.linearize(self.problem, self.params, self.hparams, batch, self.reduce)  # type: ignore[attr-defined]
+            with self._autocast():
+                return self.solver.linearize(self.problem, self.params, self.hparams, batch, self.reduce)  # type: ignore[attr-defined]
         except FloatingPointError as exc:
             if self.config.on_nonfinite == "raise":
                 raise self._fail(snap, f"step {self.step_count + 1}: {exc} (inner level)", "inner", None) from exc
@@ -355,12 +373,14 @@ class BilevelTrainer:
         warm = {"v0": self._warm_v} if self.config.warm_start and self._warm_v is not None else {}
         if self.solver.takes_preconditioner:
             warm["preconditioner"] = self._preconditioner(lin)
-        if lin is not None:
-            return self.solver.hypergrad_at(lin, outer_batch, return_info=True, hvp_batches=self._hvp_stream, **warm)  # type: ignore[attr-defined]
-        return self.solver.hypergrad(
-            self.problem, self.params, self.hparams, inner_batch, outer_batch,
-            return_info=True, reduce=self.reduce, hvp_batches=self._hvp_stream, **warm,
-        )  # fmt: skip
+        with self._autocast():
+            if lin is not None:
+                hvp = self._hvp_stream
+                return self.solver.hypergrad_at(lin, outer_batch, return_info=True, hvp_batches=hvp, **warm)  # type: ignore[attr-defined]
+            return self.solver.hypergrad(
+                self.problem, self.params, self.hparams, inner_batch, outer_batch,
+                return_info=True, reduce=self.reduce, hvp_batches=self._hvp_stream, **warm,
+            )  # fmt: skip
 
     def _preconditioner(self, lin: Linearization | None) -> Tree | None:
         """SAMA's diagonal ``P`` (:func:`~bilevel.solvers.sama.sama_preconditioner`) for the inner step next to
@@ -562,6 +582,18 @@ def _check_fit_args(
         raise ValueError("fit: resume=True needs a checkpoint_path to resume from")
     if checkpoint_path is not None and Path(checkpoint_path).is_dir():
         raise ValueError(f"fit: checkpoint_path {str(checkpoint_path)!r} is a directory; give a file path")
+
+
+def _grad_scaler(config: TrainerConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """The inner update's ``GradScaler`` for ``autocast="fp16"`` (None otherwise); fp16 needs CUDA."""
+    if config.autocast != "fp16":
+        return None
+    if device.type != "cuda":
+        raise ValueError(
+            f"TrainerConfig.autocast='fp16' needs the model on a CUDA device (with a GradScaler), got {device.type}; "
+            "use autocast='bf16' on CPU"
+        )
+    return torch.amp.GradScaler("cuda")
 
 
 def _aid_solver_names() -> list[str]:
