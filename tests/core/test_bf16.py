@@ -138,11 +138,11 @@ def test_params_of_two_dtypes_are_refused():
     assert bl.problem.check_trees({"a": torch.zeros(2, dtype=BF16)}, {"h": torch.zeros(1)}) == (BF16, w["a"].device)
 
 
-def _meltr_like_f32(solver, **cfg):
+def _meltr_like_f32(solver, device="cpu", **cfg):
     """tests/core/test_training.py's meltr_like in float32 (autocast leaves float64 alone)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
-    meta = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2)).to(device)
+    meta = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(device)
     _, fn = bl.functional_module(model)
     _, meta_fn = bl.functional_module(meta)
 
@@ -210,3 +210,15 @@ def test_autocast_config_is_checked_and_fp16_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"autocast=.fp16. needs the model on a CUDA device .* got cpu"):
             _meltr_like_f32(bl.AIDCG(iters=2), autocast="fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs CUDA")
+def test_trainer_under_fp16_autocast_on_cuda_takes_finite_hyper_steps():
+    tr = _meltr_like_f32(bl.AIDCG(iters=5, on_negative_curvature="ignore"), device="cuda", autocast="fp16")
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    for i in range(4):
+        m = tr.step(*(tuple(t.cuda() for t in _data(seed=s)) for s in (i, 100 + i)))
+        if m["hyper"]:
+            assert m["hypergrad_norm"] is not None and torch.isfinite(torch.tensor(m["hypergrad_norm"]))
+    assert tr.hyper_steps == 2 and tr._scaler is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
