@@ -768,7 +768,7 @@ def write_outputs(res: Results, out_dir: Path) -> Path:
 # ``--only`` runs just the named parts and writes only their sections of results.md (``hypergrad_nystrom``,
 # ``warm_start``), leaving the main ``hypergrad_accuracy`` section as it is.
 
-PARTS = ("nystrom", "warm-start", "itd-memory", "sama")
+PARTS = ("nystrom", "warm-start", "itd-memory", "sama", "bf16")
 NYSTROM_SECTION, WARM_SECTION = "hypergrad_nystrom", "warm_start"
 NYSTROM_BUDGETS = (1, 2, 5, 10, 20, 30, 50, 100, 200)  # ranks above a problem's dimension are left out
 NYSTROM_RHO_DEFAULT = 0.1  # Hataya & Yamada's default (hypergrad docs: nystrom(..., rank=5, rho=0.1))
@@ -1065,6 +1065,93 @@ def render_sama(rows: list[list[str]], command: str, seconds: float) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------ bfloat16 params
+#
+#     python -m benchmarks.hypergrad_accuracy --only bf16      # section ``hypergrad_bf16`` only, ~1 min
+#
+# The mixed-precision policy (docs/math.md, "Precision"): params and batches in bfloat16, hparams in float32
+# (products in bfloat16, the linear solve accumulating in float32, the hypergradient in float32), against
+# the same solver with float32 params and batches, at phi = -2 and the exact inner minimiser. Errors against
+# the exact hypergradient and against the same solver in float64 (which isolates rounding from the solver's
+# own bias); ms: median of BF16_REPEATS runs on one thread.
+
+BF16_SECTION, BF16_REPEATS = "hypergrad_bf16", 5
+BF16_PROBLEMS = ("ridge-diabetes", "logistic-cancer", "ridge-d2000")
+
+
+def bf16_options(name: str, ref: testing.RidgeL2, mu: float, L: float, batch: Any) -> dict[str, Any]:
+    """Fixed options per solver for the bf16 comparison (the same for every dtype); ``mu``, ``L``: the inner
+    Hessian's extreme eigenvalues."""
+    return {
+        "itd": {"steps": 50, "lr": 1.0 / L},
+        "aid-cg": {"iters": 30, "tol": 1e-12, "on_negative_curvature": "ignore"},
+        "aid-fp": {"iters": 100, "alpha": 1.0 / L, "on_divergence": "ignore"},
+        "stocbio": {"iters": 100, "alpha": 1.0 / L, "batches": [batch], "on_divergence": "ignore"},
+        "nystrom": {"rank": min(ref.dim, 30), "rho": mu},
+    }.get(name, {})
+
+
+def bf16_rows(problems: tuple[str, ...] = BF16_PROBLEMS, repeats: int = BF16_REPEATS) -> list[list[str]]:
+    """One row per (problem, solver): errors and ms with float32 and with bfloat16 params and batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        for pname in problems:
+            ref = PROBLEMS[pname]()
+            hp64 = ref.hparams(HPARAM_VALUE)
+            exact, star, (mu, L) = ref.exact_hypergrad(hp64), ref.solution(hp64), ref.curvature(hp64)
+            for name in sorted(bl.SOLVERS):
+                out: dict[torch.dtype, tuple[Tree, float]] = {}
+                for dtype in (torch.float64, torch.float32, torch.bfloat16):
+                    hp = {k: v.to(torch.float64 if dtype == torch.float64 else torch.float32) for k, v in hp64.items()}
+                    params = {k: v.to(dtype) for k, v in star.items()}
+                    inner = tuple(t.to(dtype) for t in ref.inner_batch)
+                    outer = tuple(t.to(dtype) for t in ref.outer_batch)
+                    solver = bl.get_solver(name, **bf16_options(name, ref, mu, L, inner))
+                    call = partial(solver.hypergrad, ref.problem(), params, hp, inner, outer)
+                    ms, hgs = time_call(call, repeats=1 if dtype == torch.float64 else repeats)
+                    out[dtype] = hgs[-1], ms
+                hg64 = out[torch.float64][0]
+                (h32, ms32), (h16, ms16) = out[torch.float32], out[torch.bfloat16]
+                rows.append([
+                    pname, name, f"{rel_error(h32, exact):.2e}", f"{rel_error(h16, exact):.2e}",
+                    f"{rel_error(h32, hg64):.1e}", f"{rel_error(h16, hg64):.1e}",
+                    f"{ms32:.2f}", f"{ms16:.2f}", f"{ms16 / ms32:.2f}",
+                ])  # fmt: skip
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def render_bf16(rows: list[list[str]], command: str, seconds: float) -> str:
+    head = [
+        "problem", "solver", "rel. error vs exact (f32)", "(bf16)", "vs same solver in f64 (f32)", "(bf16)",
+        "ms (f32)", "ms (bf16)", "bf16 / f32",
+    ]  # fmt: skip
+    ratios = [float(r[-1]) for r in rows]
+    return "\n".join(
+        [
+            "## bfloat16 params (`benchmarks/hypergrad_accuracy.py --only bf16`)",
+            "",
+            f"Command: `{command}` ({seconds:.0f} s, {machine()}, one thread; **measured while the machine ran "
+            "other jobs**: compare the bf16 / f32 ratio of a row, not milliseconds across runs). The policy of "
+            "[the math](math.md#precision): params and batches bfloat16, hparams float32, products in bfloat16, "
+            "the linear solve accumulating in float32, the hypergradient float32; against float32 params and "
+            "batches with the same options (itd 50 steps, aid-cg 30 iterations, aid-fp / stocbio 100 terms, "
+            "nystrom rank min(d, 30) with rho = mu, the smallest eigenvalue; SAMA without a preconditioner, i.e. "
+            "scale 1 and central finite differences). `vs same solver in f64` isolates rounding from the solver's"
+            " own bias (aid-fp-lite, sama and a low-rank nystrom are biased, so their error against the exact "
+            "answer is mostly bias in every dtype). Nyström draws its probes in the dtype of the solve: float64 "
+            "in the reference run, float32 in the other two, so below full rank its `vs f64` column also holds "
+            f"the change of probes. Time ratio bf16 / f32 in this run: {min(ratios):.2f} to {max(ratios):.2f} "
+            "(above 1: slower; a CPU without bfloat16 matmul instructions gains memory, not time).",
+            "",
+            _table(head, rows),
+        ]
+    )
+
+
 def run_parts(parts: list[str], quick: bool, out_dir: Path, command: str) -> dict[str, Any]:
     """Run the ``--only`` parts, print and write their sections of ``out_dir/results.md``."""
     cfg = make_config("quick" if quick else "default", peers=False, memory=False)
@@ -1087,8 +1174,15 @@ def run_parts(parts: list[str], quick: bool, out_dir: Path, command: str) -> dic
         text = render_sama(rows, command, time.perf_counter() - start)
         print(text)
         write_section(md, text, SAMA_SECTION)
+    if "bf16" in parts:
+        start = time.perf_counter()
+        done["bf16"] = rows = bf16_rows(BF16_PROBLEMS[:1] if quick else BF16_PROBLEMS, 1 if quick else BF16_REPEATS)
+        text = render_bf16(rows, command, time.perf_counter() - start)
+        print(text)
+        write_section(md, text, BF16_SECTION)
     sections = {
-        "nystrom": NYSTROM_SECTION, "warm-start": WARM_SECTION, "itd-memory": ITD_MEMORY_SECTION, "sama": SAMA_SECTION
+        "nystrom": NYSTROM_SECTION, "warm-start": WARM_SECTION, "itd-memory": ITD_MEMORY_SECTION, "sama": SAMA_SECTION,
+        "bf16": BF16_SECTION,
     }  # fmt: skip
     print(f"wrote sections {[sections[p] for p in parts]} of {md}")
     return done
@@ -1110,7 +1204,8 @@ def main(argv: list[str] | None = None) -> Results | dict[str, Any]:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument(
         "--only", nargs="+", choices=PARTS, help="run only these parts and write only their sections "
-        f"({NYSTROM_SECTION}, {WARM_SECTION}, {ITD_MEMORY_SECTION}, {SAMA_SECTION}); the main grid is not run",
+        f"({NYSTROM_SECTION}, {WARM_SECTION}, {ITD_MEMORY_SECTION}, {SAMA_SECTION}, {BF16_SECTION}); the main grid "
+        "is not run",
     )  # fmt: skip
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full" if args.full else "default"
