@@ -19,6 +19,7 @@ Requires scikit-learn for the real data sets.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch.nn.functional import softplus
 from ._tree import Tree
 from .problem import BilevelProblem
 
-__all__ = ["LogisticL2", "RidgeL2", "logistic_breast_cancer", "ridge_diabetes", "ridge_synthetic"]
+__all__ = ["Example", "LogisticL2", "RidgeL2", "example", "logistic_breast_cancer", "ridge_diabetes", "ridge_synthetic"]
 
 
 def _standardize_split(X: np.ndarray, y: np.ndarray, seed: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -169,3 +170,41 @@ def logistic_breast_cancer(seed: int = 0, dtype: torch.dtype = torch.float64) ->
 
     X, y = load_breast_cancer(return_X_y=True)
     return LogisticL2(*_standardize_split(X, 2.0 * y - 1.0, seed, dtype))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A reference problem at one point, ready for a solver (the setup the solvers' examples share).
+
+    Attributes:
+        ref: the problem (:class:`RidgeL2`); hparams: ``{"lam": [d]}``; params: the inner minimiser
+            ``theta*(phi)``; args: ``(problem, params, hparams, inner_batch, outer_batch)``, a solver's
+            ``hypergrad`` arguments; exact: the exact ``dF/dlam`` [d]; mu, L: the extreme eigenvalues of the inner
+            Hessian.
+    """
+
+    ref: RidgeL2
+    hparams: dict[str, Tensor]
+    params: dict[str, Tensor]
+    args: tuple[Any, ...]
+    exact: Tensor
+    mu: float
+    L: float
+
+
+def example(d: int = 5, lam: float = -2.0) -> Example:
+    """:func:`ridge_synthetic` with ``d`` parameters at ``lam`` (every L2 weight ``exp(lam)``), at its inner
+    minimiser, with the exact hypergradient: the shared setup of the solver examples.
+
+    Examples:
+        >>> from bilevel.testing import example
+        >>> ex = example()
+        >>> ex.exact.shape, len(ex.args), bool(ex.mu <= ex.L)
+        (torch.Size([5]), 5, True)
+    """
+    ref = ridge_synthetic(d=d)
+    hparams = ref.hparams(lam)
+    params = ref.solution(hparams)
+    mu, L = ref.curvature(hparams)
+    args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
+    return Example(ref, hparams, params, args, ref.exact_hypergrad(hparams)["lam"], float(mu), float(L))

@@ -163,12 +163,10 @@ class AID(AIDSolver):
 
     Examples:
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)
-        >>> hparams = ref.hparams(-2.0)
-        >>> args = (ref.problem(), ref.solution(hparams), hparams, ref.inner_batch, ref.outer_batch)
-        >>> mine = bl.AID(solve=bl.linalg.cg(iters=20, tol=1e-12)).hypergrad(*args)
-        >>> preset = bl.AIDCG(iters=20, tol=1e-12).hypergrad(*args)
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
+        >>> mine = bl.AID(solve=bl.linalg.cg(iters=20, tol=1e-12)).hypergrad(*ex.args)
+        >>> preset = bl.AIDCG(iters=20, tol=1e-12).hypergrad(*ex.args)
         >>> bool((mine["lam"] == preset["lam"]).all())
         True
     """

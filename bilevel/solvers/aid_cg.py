@@ -32,15 +32,10 @@ class AIDCG(AIDSolver):
     Examples:
         >>> import torch
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
-        >>> hparams = ref.hparams(-2.0)
-        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
-        >>> exact = ref.exact_hypergrad(hparams)["lam"]
-        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
-        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
-        >>> hg, info = bl.AIDCG(iters=20, tol=1e-12).hypergrad(*args, return_info=True)
-        >>> bool((hg["lam"] - exact).norm() <= 1e-10 * exact.norm()), info.converged, info.n_hvp <= 5
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
+        >>> hg, info = bl.AIDCG(iters=20, tol=1e-12).hypergrad(*ex.args, return_info=True)
+        >>> bool((hg["lam"] - ex.exact).norm() <= 1e-10 * ex.exact.norm()), info.converged, info.n_hvp <= 5
         (True, True, True)
     """
 

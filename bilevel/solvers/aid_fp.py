@@ -39,17 +39,12 @@ class AIDFP(AIDSolver):
     Examples:
         >>> import torch
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
-        >>> hparams = ref.hparams(-2.0)
-        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
-        >>> exact = ref.exact_hypergrad(hparams)["lam"]
-        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
-        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
         >>> errors = []
         >>> for iters in (2, 10, 50):
-        ...     hg = bl.AIDFP(iters=iters, alpha=1 / L).hypergrad(*args)
-        ...     errors.append(float((hg["lam"] - exact).norm() / exact.norm()))
+        ...     hg = bl.AIDFP(iters=iters, alpha=1 / ex.L).hypergrad(*ex.args)
+        ...     errors.append(float((hg["lam"] - ex.exact).norm() / ex.exact.norm()))
         >>> errors[0] > errors[1] > errors[2], errors[2] < 1e-12  # geometric, rate 1 - mu/L here
         (True, True)
     """

@@ -31,18 +31,13 @@ class AIDFPLite(AIDSolver):
     Examples:
         >>> import torch
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
-        >>> hparams = ref.hparams(-2.0)
-        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
-        >>> exact = ref.exact_hypergrad(hparams)["lam"]
-        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
-        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
-        >>> hg = bl.AIDFPLite().hypergrad(*args)
-        >>> cosine = torch.nn.functional.cosine_similarity(hg["lam"], exact, dim=0)
-        >>> bool(cosine > 0.5), bool((hg["lam"] - exact).norm() > 0.01 * exact.norm())  # a direction, biased
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
+        >>> hg = bl.AIDFPLite().hypergrad(*ex.args)
+        >>> cosine = torch.nn.functional.cosine_similarity(hg["lam"], ex.exact, dim=0)
+        >>> bool(cosine > 0.5), bool((hg["lam"] - ex.exact).norm() > 0.01 * ex.exact.norm())  # a direction, biased
         (True, True)
-        >>> same = bl.AIDFP(iters=0, alpha=1.0).hypergrad(*args)
+        >>> same = bl.AIDFP(iters=0, alpha=1.0).hypergrad(*ex.args)
         >>> torch.allclose(hg["lam"], same["lam"])
         True
     """

@@ -122,28 +122,23 @@ class ITD(Solver):
 
         >>> import torch
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
-        >>> hparams = ref.hparams(-2.0)
-        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
-        >>> exact = ref.exact_hypergrad(hparams)["lam"]
-        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
-        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
-        >>> hg = bl.ITD(steps=30, lr=1 / L).hypergrad(*args)
-        >>> fp = bl.AIDFP(iters=29, alpha=1 / L).hypergrad(*args)
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
+        >>> hg = bl.ITD(steps=30, lr=1 / ex.L).hypergrad(*ex.args)
+        >>> fp = bl.AIDFP(iters=29, alpha=1 / ex.L).hypergrad(*ex.args)
         >>> torch.allclose(hg["lam"], fp["lam"], rtol=1e-8, atol=1e-12)
         True
-        >>> ck = bl.ITD(steps=30, lr=1 / L, checkpoint=True).hypergrad(*args)  # memory flat in steps
+        >>> ck = bl.ITD(steps=30, lr=1 / ex.L, checkpoint=True).hypergrad(*ex.args)  # memory flat in steps
         >>> torch.allclose(ck["lam"], hg["lam"], rtol=1e-12, atol=0)
         True
-        >>> tr = bl.ITD(steps=30, lr=1 / L, truncate=5).hypergrad(*args)  # the last 5 steps only
-        >>> fp5 = bl.AIDFP(iters=4, alpha=1 / L).hypergrad(*args)
+        >>> tr = bl.ITD(steps=30, lr=1 / ex.L, truncate=5).hypergrad(*ex.args)  # the last 5 steps only
+        >>> fp5 = bl.AIDFP(iters=4, alpha=1 / ex.L).hypergrad(*ex.args)
         >>> torch.allclose(tr["lam"], fp5["lam"], rtol=1e-8, atol=1e-12)
         True
         >>> adam = bl.ITD(steps=5, lr=0.1, optimizer="adam")  # differentiable Adam steps
-        >>> adam.hypergrad(*args)["lam"].shape
+        >>> adam.hypergrad(*ex.args)["lam"].shape
         torch.Size([5])
-        >>> bl.ITD(steps=50, lr=3 / L).hypergrad(*args)  # lr > 2/L: the unroll diverges
+        >>> bl.ITD(steps=50, lr=3 / ex.L).hypergrad(*ex.args)  # lr > 2/L: the unroll diverges
         Traceback (most recent call last):
         ...
         bilevel.errors.ITDDivergenceError: ITD diverges: ...

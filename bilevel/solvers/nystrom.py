@@ -34,13 +34,10 @@ class Nystrom(AIDSolver):
 
     Examples:
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
-        >>> hparams = ref.hparams(-2.0)
-        >>> exact = ref.exact_hypergrad(hparams)["lam"]
-        >>> args = (ref.problem(), ref.solution(hparams), hparams, ref.inner_batch, ref.outer_batch)
-        >>> hg, info = bl.Nystrom(rank=5, rho=1e-12).hypergrad(*args, return_info=True)  # rank = d: exact
-        >>> bool((hg["lam"] - exact).norm() <= 1e-8 * exact.norm()), info.n_hvp
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
+        >>> hg, info = bl.Nystrom(rank=5, rho=1e-12).hypergrad(*ex.args, return_info=True)  # rank = d: exact
+        >>> bool((hg["lam"] - ex.exact).norm() <= 1e-8 * ex.exact.norm()), info.n_hvp
         (True, 5)
     """
 

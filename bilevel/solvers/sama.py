@@ -48,13 +48,11 @@ class SAMA(AIDSolver):
     Examples:
         >>> import torch
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)
-        >>> hparams = ref.hparams(-2.0)
-        >>> args = (ref.problem(), ref.solution(hparams), hparams, ref.inner_batch, ref.outer_batch)
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
         >>> P = {"w": torch.full((5,), 0.5, dtype=torch.float64)}  # a diagonal preconditioner
-        >>> hg = bl.SAMA().hypergrad(*args, preconditioner=P)
-        >>> lite = bl.AIDFPLite(scale=0.5, mixed="fd").hypergrad(*args)  # P = 0.5 I is AID-FP-Lite's
+        >>> hg = bl.SAMA().hypergrad(*ex.args, preconditioner=P)
+        >>> lite = bl.AIDFPLite(scale=0.5, mixed="fd").hypergrad(*ex.args)  # P = 0.5 I is AID-FP-Lite's
         >>> torch.allclose(hg["lam"], lite["lam"], rtol=1e-12)
         True
     """

@@ -42,17 +42,12 @@ class StocBiO(AIDSolver):
     Examples:
         >>> import torch
         >>> import bilevel as bl
-        >>> from bilevel.testing import ridge_synthetic
-        >>> ref = ridge_synthetic(d=5)  # ridge regression with L2 weights exp(lam), exact answers
-        >>> hparams = ref.hparams(-2.0)
-        >>> params = ref.solution(hparams)  # the inner minimiser theta*(phi)
-        >>> exact = ref.exact_hypergrad(hparams)["lam"]
-        >>> mu, L = ref.curvature(hparams)  # extreme eigenvalues of the inner Hessian
-        >>> args = (ref.problem(), params, hparams, ref.inner_batch, ref.outer_batch)
-        >>> X, y = ref.inner_batch
+        >>> from bilevel.testing import example
+        >>> ex = example()  # ridge regression, d=5, L2 weights exp(lam), at theta*(phi): exact answers known
+        >>> X, y = ex.ref.inner_batch
         >>> quarters = [(X[i::4], y[i::4]) for i in range(4)]  # each HVP on the next quarter, cycled
-        >>> hg, info = bl.StocBiO(iters=50, alpha=1 / L, batches=quarters).hypergrad(*args, return_info=True)
-        >>> info.n_hvp, bool((hg["lam"] - exact).norm() < exact.norm())
+        >>> hg, info = bl.StocBiO(iters=50, alpha=1 / ex.L, batches=quarters).hypergrad(*ex.args, return_info=True)
+        >>> info.n_hvp, bool((hg["lam"] - ex.exact).norm() < ex.exact.norm())
         (50, True)
     """
 
