@@ -161,11 +161,6 @@ class ITD(Solver):
     def __post_init__(self) -> None:
         _check_options(self)
 
-    @property
-    def _watch(self) -> bool:
-        """Whether the adjoint norms are tested for growth (SGD and momentum, ``divergence_factor`` set)."""
-        return self.divergence_factor is not None and self.optimizer != "adam"
-
     def _hypergrad(self, problem, params, hparams, inner_batch, outer_batch, call):
         g = problem.objective("inner", "unrolled inner steps of ITD")
         f = problem.objective("outer", "f after the unrolled steps of ITD")
@@ -181,7 +176,7 @@ class ITD(Solver):
                 theta = _free_step(self, g, theta, hparams, inner_batch, reduce, state, t, values)
             theta = leaves(theta)
             sq = None  # squared adjoint norms of theta_{start+1..T}, filled in by the backward pass
-            if k and self._watch:
+            if k and self.divergence_factor is not None and self.optimizer != "adam":  # growth tested
                 ref = next(iter(theta.values()))
                 sq = torch.zeros(k, dtype=ref.dtype, device=ref.device)
             iterates: list[Tree] = []  # theta_{start+1..T} of the plain unroll
