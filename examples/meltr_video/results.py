@@ -28,7 +28,9 @@ settings is read back, not rerun, so a comparison can be extended seed by seed a
 has no cache: ``--reuse FILE`` (repeatable) takes search runs and seeds from an earlier ``--json`` record
 (e.g. the committed ``docs/data/paired_univl_retrieval.json``) where that record's settings equal this
 invocation's (base settings, lr grid, search seed, the row's resolved overrides); reused rows say so
-(``"reused_from"``), and only what no record and no cache holds is run.
+(``"reused_from"``), and only what no record and no cache holds is run. ``--archive DIR`` adds a read-only
+directory of finished runs' ``results.json`` (``DIR/BACKBONE-TASK/RUN/results.json``): how the runs of a row that
+one session could not finish are carried to the next (``docs/data/runs``).
 ``--json FILE`` writes every per-seed, per-row metric; ``--write`` also writes the section of
 docs/results.md and the plots (R@1 per row; paired differences; MELTR's task weights).
 """
@@ -154,18 +156,25 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "+-." else "_" for c in label)
 
 
-def _run(cfg: FinetuneConfig, data: Any, pre: Any) -> dict[str, Any]:
-    """Fine-tune ``cfg`` (or read back a finished run with the same settings from ``cfg.out``)."""
+def _run(cfg: FinetuneConfig, data: Any, pre: Any, archive: Path | None = None) -> dict[str, Any]:
+    """Fine-tune ``cfg``, or read back a finished run with the same settings from ``cfg.out`` or, failing that,
+    from ``archive / <run directory name>`` (finished runs kept in the repository, read only)."""
     assert cfg.out is not None
-    res_path = Path(cfg.out) / "results.json"
     want = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "out")}
-    if res_path.exists():
+    want["pretrained"] = _portable_path(want.get("pretrained"))
+    places = [Path(cfg.out) / "results.json"]
+    if archive is not None:
+        places.append(archive / Path(cfg.out).name / "results.json")
+    for res_path in places:
+        if not res_path.exists():
+            continue
         try:
             prev = json.loads(res_path.read_text())
         except json.JSONDecodeError:
-            prev = {}
+            continue
         have = {k: v for k, v in prev.get("config", {}).items() if k not in ("progress", "resume", "out")}
         have = {**{k: _DEFAULTS[k] for k in want.keys() - have.keys() if k in _DEFAULTS}, **have}
+        have["pretrained"] = _portable_path(have.get("pretrained"))
         # finished: every epoch run (results.json is rewritten after each epoch, so a run stopped part-way
         # has a best_val too) and, where asked for, the test read
         finished = len(prev.get("epochs", [])) >= cfg.epochs and (prev.get("test") is not None or not cfg.eval_test)
@@ -194,12 +203,18 @@ def _portable(base: Mapping[str, Any]) -> dict[str, Any]:
     relative to it, so records written in another checkout compare equal) and FinetuneConfig fields the record
     predates filled in with their defaults."""
     out = {**_DEFAULTS, **base}
-    pre = out.get("pretrained")
+    out["pretrained"] = _portable_path(out.get("pretrained"))
+    return out
+
+
+def _portable_path(pre: Any) -> Any:
+    """A checkpoint path inside this repository (``.../examples/...``) from the repository root on; others as
+    they are."""
     if isinstance(pre, str):
         parts = Path(pre).parts
         if "examples" in parts:  # a shipped checkpoint: compare from the repository root on
-            out["pretrained"] = "/".join(parts[parts.index("examples") :])
-    return out
+            return "/".join(parts[parts.index("examples") :])
+    return pre
 
 
 def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -254,11 +269,13 @@ def run_comparison(
     out_root: Path,
     progress: bool = True,
     reuse: Sequence[Mapping[str, Any]] = (),
+    archive: Path | None = None,
 ) -> dict[str, Any]:
     """Search every row's learning rate on val, then run every seed; returns the JSON-ready record.
 
     ``reuse``: earlier records (:func:`load_records`); a search run or seed that a record holds under the
-    same settings is taken from it instead of being run."""
+    same settings is taken from it instead of being run. ``archive``: a read-only directory of finished runs'
+    ``results.json`` (``archive/<run directory name>/results.json``), consulted after the cache."""
     from .finetune import DATA_SIZES
     from .pretrain import load_pretrained
     from .testbed import make_testbed
@@ -321,7 +338,7 @@ def run_comparison(
                         row.setdefault("search_meltr", {})[f"{lr:g}"] = (old.get("search_meltr") or {}).get(f"{lr:g}")
                     bar.update(1)
                     continue
-                res = _run(cfg_for(SEARCH_SEED, lr, False), data, pre)
+                res = _run(cfg_for(SEARCH_SEED, lr, False), data, pre, archive)
                 row["search"][f"{lr:g}"] = {"best_val": res["best_val"], "best_epoch": res["best_epoch"]}
                 if over.get("method") == "meltr":
                     last = res["epochs"][-1].get("meltr") or {}
@@ -340,7 +357,7 @@ def run_comparison(
                 row["runs"].append(old_runs[seed])
                 bar.update(1)
                 continue
-            res = _run(cfg_for(seed, best, True), data, pre)
+            res = _run(cfg_for(seed, best, True), data, pre, archive)
             if "search_weights" not in row and over.get("method") == "meltr":
                 row["search_weights"] = (res["epochs"][-1].get("meltr") or {}).get("weights")
             row["runs"].append(
@@ -526,6 +543,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out-root", type=Path, default=Path("runs/results"))
     p.add_argument("--json", type=Path, default=None, help="write every per-seed, per-row metric here")
     p.add_argument(
+        "--archive", type=Path, default=None, help="a read-only directory of finished runs (BACKBONE-TASK/RUN/"
+        "results.json, e.g. docs/data/runs) consulted after --out-root's cache"
+    )
+    p.add_argument(
         "--reuse", type=Path, action="append", default=[], help="an earlier --json record whose runs are reused "
         "where its settings equal these (repeatable; e.g. docs/data/paired_univl_retrieval.json)"
     )
@@ -564,7 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ensure_pretrained(pretrained, "full", backbone=a.backbone, data=data)
     base = {"task": a.task, "backbone": a.backbone, "epochs": a.epochs, "pretrained": pretrained, "data": data}
     out_root = a.out_root / f"{a.backbone}-{a.task}"
-    rec = run_comparison(rows, seeds, base, grid, out_root, reuse=reuse)
+    archive = None if a.archive is None else a.archive / out_root.name
+    rec = run_comparison(rows, seeds, base, grid, out_root, reuse=reuse, archive=archive)
     cmd = "python -m examples.meltr_video.results " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(rec, cmd.strip())
     print(text)

@@ -431,3 +431,30 @@ def test_cached_run_is_read_back_only_when_finished(tmp_path, monkeypatch):
     (tmp_path / "run" / "results.json").write_text(json.dumps(rec))
     with pytest.raises(Trained):
         R._run(tested, None, None)  # every epoch, but the test was never read
+
+
+def test_archived_run_is_read_back_from_another_checkout(tmp_path, monkeypatch):
+    """--archive: a finished run's results.json kept in the repository is read back when the cache lacks it,
+    also when it was written in another checkout (the shipped checkpoint's path compared from examples/ on)."""
+    from dataclasses import asdict
+
+    from examples.meltr_video import results as R
+    from examples.meltr_video.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(epochs=2, out=str(tmp_path / "cache" / "run-s0"), progress=False, eval_test=True)
+    rec = {"config": asdict(cfg), "epochs": [{}, {}], "best_val": {"R@1": 2.0}, "test": {"R@1": 1.0}}
+    rec["config"]["pretrained"] = "/elsewhere/clone/" + str(cfg.pretrained)[str(cfg.pretrained).index("examples") :]
+    (tmp_path / "archive" / "run-s0").mkdir(parents=True)
+    (tmp_path / "archive" / "run-s0" / "results.json").write_text(json.dumps(rec))
+
+    def train(*a, **k):
+        raise AssertionError("trained instead of read back")
+
+    monkeypatch.setattr(R, "FinetuneRun", train)
+    assert R._run(cfg, None, None, tmp_path / "archive")["test"] == {"R@1": 1.0}
+    with pytest.raises(AssertionError, match="trained instead"):
+        R._run(cfg, None, None)  # without the archive: not in the cache
+    rec["epochs"] = [{}]  # an unfinished run in the archive is not taken either
+    (tmp_path / "archive" / "run-s0" / "results.json").write_text(json.dumps(rec))
+    with pytest.raises(AssertionError, match="trained instead"):
+        R._run(cfg, None, None, tmp_path / "archive")
