@@ -36,6 +36,7 @@ plain words all three give the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import re
@@ -307,7 +308,8 @@ def meteor(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
             scorer.lock.release()
         for fh in (proc.stdin, proc.stdout, proc.stderr):
             if fh is not None:
-                fh.close()
+                with contextlib.suppress(OSError):  # closing stdin flushes into a dead java: BrokenPipeError
+                    fh.close()
         proc.kill()
         proc.wait()
     return float(score)
