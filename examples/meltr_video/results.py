@@ -30,7 +30,7 @@ has no cache: ``--reuse FILE`` (repeatable) takes search runs and seeds from an 
 invocation's (base settings, lr grid, search seed, the row's resolved overrides); reused rows say so
 (``"reused_from"``), and only what no record and no cache holds is run. ``--archive DIR`` adds a read-only
 directory of finished runs' ``results.json`` (``DIR/BACKBONE-TASK/RUN/results.json``): how the runs of a row that
-one session could not finish are carried to the next (``docs/data/runs``).
+one session could not finish are carried to the next (``docs/data/run_archive``).
 ``--json FILE`` writes every per-seed, per-row metric; ``--write`` also writes the section of
 docs/results.md and the plots (R@1 per row; paired differences; MELTR's task weights).
 """
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", type=Path, default=None, help="write every per-seed, per-row metric here")
     p.add_argument(
         "--archive", type=Path, default=None, help="a read-only directory of finished runs (BACKBONE-TASK/RUN/"
-        "results.json, e.g. docs/data/runs) consulted after --out-root's cache"
+        "results.json, e.g. docs/data/run_archive) consulted after --out-root's cache"
     )
     p.add_argument(
         "--reuse", type=Path, action="append", default=[], help="an earlier --json record whose runs are reused "
