@@ -17,6 +17,11 @@ Models: a small MLP (3 task losses on regression data) and a small ``nn.Transfor
 
 Memory: the peak memory of one ITD hypergradient as a function of the unrolled steps (see
 :func:`peak_memory_mib`), against AID-CG, whose memory does not grow with its iterations.
+
+MELTR memory (``--only meltr-memory``, its own section ``meltr_memory``): the peak memory of one training
+step of the MELTR example (UniVL-tiny from the shipped checkpoint on the testbed, batch 16, MELTR's loss
+network) with a hyper step, per solver and product mode (``hvp=`` / ``mixed=``, with and without a shared
+linearisation), against one MTL step of the same model and batch (:func:`meltr_memory`).
 """
 
 from __future__ import annotations
@@ -194,6 +199,98 @@ def memory_vs_steps(device, steps=(1, 2, 4, 8, 16)) -> list[tuple[str, float]]:
     return rows
 
 
+#: (label, solver name, solver options, shared linearisation) of the MELTR memory table; the options follow
+#: the MELTR example's make_solver (iters 3, alpha 0.01, non-convexity counted, not raised)
+_CG = {"iters": 3, "on_negative_curvature": "ignore"}
+_FP = {"iters": 3, "alpha": 0.01, "on_divergence": "ignore"}
+MELTR_MEMORY_ROWS: list[tuple[str, str, dict, bool]] = [
+    *[
+        (f"aid-fp-lite, mixed={m}", "aid-fp-lite", {"scale": 0.01, "mixed": m}, False)
+        for m in ("autograd", "jvp", "fd")
+    ],
+    *[
+        (f"aid-fp-lite shared, mixed={m}", "aid-fp-lite", {"scale": 0.01, "mixed": m}, True)
+        for m in ("autograd", "jvp", "fd", "fd-onesided")
+    ],
+    ("aid-cg(3), hvp=autograd, mixed=autograd", "aid-cg", _CG, False),
+    ("aid-cg(3), hvp=autograd, mixed=jvp", "aid-cg", {**_CG, "mixed": "jvp"}, False),
+    ("aid-cg(3), hvp=fd, mixed=fd (first order)", "aid-cg", {**_CG, "hvp": "fd", "mixed": "fd"}, False),
+    ("aid-cg(3) shared, hvp=autograd, mixed=autograd", "aid-cg", _CG, True),
+    (
+        "aid-cg(3) shared, hvp=fd, mixed=fd-onesided (first order)",
+        "aid-cg",
+        {**_CG, "hvp": "fd", "mixed": "fd-onesided"},
+        True,
+    ),
+    ("aid-fp(3), hvp=autograd, mixed=autograd", "aid-fp", _FP, False),
+    ("aid-fp(3), hvp=fd, mixed=fd (first order)", "aid-fp", {**_FP, "hvp": "fd", "mixed": "fd"}, False),
+    ("stocbio(3)", "stocbio", _FP, False),
+    ("itd(1)", "itd", {"steps": 1, "lr": 0.01}, False),
+]
+
+
+def meltr_memory(progress: bool = True) -> list[tuple[str, float, float]]:
+    """Peak extra memory (MiB, :func:`peak_memory_mib`) of one step of the MELTR example with a hyper step
+    (``K=1``), per :data:`MELTR_MEMORY_ROWS`, and of one MTL step; ``(label, step MiB, hypergradient MiB)``
+    with the hypergradient alone (the solver call on the same batches) beside the whole step.
+
+    Every run starts from the same pretrained backbone and batches (seed 0); each is measured after one
+    warm-up step. The first row is the MTL step (no hypergradient: NaN)."""
+    from examples.meltr_video.finetune import FinetuneConfig, FinetuneRun
+    from examples.meltr_video.pretrain import load_pretrained
+    from examples.meltr_video.testbed import make_testbed
+
+    base = FinetuneConfig(method="mtl", progress=False)
+    data = make_testbed(base.data_seed, sizes=base.sizes)
+    model, tok, _ = load_pretrained(base.pretrained)
+    pre = (model.state_dict(), model.cfg, tok)
+    cpu = torch.device("cpu")
+    out: list[tuple[str, float, float]] = []
+
+    def batches(run: FinetuneRun) -> tuple[object, object]:
+        """The first 16 train clips and the first 16 meta clips, collated with fixed mask seeds."""
+        n = run.cfg.batch_size
+        return tuple(run.collate(seed=i)([run.sets[s][j] for j in range(n)]) for i, s in enumerate(("train", "meta")))
+
+    mtl = FinetuneRun(base, data, pre)
+    bi, bo = batches(mtl)
+    mtl.trainer.step(bi, bo)
+    out.append(("MTL step (reference)", peak_memory_mib(lambda: mtl.trainer.step(bi, bo), cpu), float("nan")))
+    for label, name, opts, share in tqdm(MELTR_MEMORY_ROWS, desc="meltr memory", disable=not progress):
+        cfg = FinetuneConfig(method="meltr", K=1, share_linearization=share, progress=False)
+        run = FinetuneRun(cfg, data, pre, solver=bl.get_solver(name, **opts))
+        bi, bo = batches(run)
+        tr = run.trainer
+        tr.step(bi, bo)  # warm-up (first calls allocate / trace)
+        step = peak_memory_mib(lambda tr=tr, bi=bi, bo=bo: tr.step(bi, bo), cpu)
+        # StocBiO's products: the training batch again (the memory of one product, not its sampling)
+        extra = {"hvp_batches": iter([bi] * 64)} if tr.solver.draws_hvp_batches else {}
+        hg = peak_memory_mib(
+            lambda tr=tr, bi=bi, bo=bo, extra=extra: tr.solver.hypergrad(
+                tr.problem, tr.params, tr.hparams, bi, bo, **extra
+            ),
+            cpu,
+        )
+        out.append((label, step, hg))
+    return out
+
+
+def meltr_memory_text(rows: list[tuple[str, float, float]], cmd: str, seconds: float) -> str:
+    ref = rows[0][1]
+    lines = [
+        f"Command: `{cmd}` (torch {torch.__version__}, CPU, torch.profiler allocation timeline: the running sum of "
+        f"every allocation and free the profiler records, in time order; {seconds:.0f} s). UniVL-tiny (shipped "
+        "testbed checkpoint), testbed batch 16 (train) and 16 (meta), MELTR's loss network, one step with a hyper "
+        "step (K=1) after one warm-up step; `hypergradient` is the solver call alone on the same batches.",
+        "",
+        "| step | peak MiB (whole step) | x MTL step | peak MiB (hypergradient alone) |",
+        "|---|---|---|---|",
+    ]
+    for label, step, hg in rows:
+        lines.append(f"| {label} | {step:.1f} | {step / ref:.2f} | {'-' if hg != hg else f'{hg:.1f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=40)
@@ -201,13 +298,31 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the table into this file's section")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--only", choices=["timing", "meltr-memory"], default="timing",
+        help="timing (default): step times and ITD memory (section step_overhead); meltr-memory: the MELTR memory "
+        "table (section meltr_memory, CPU only)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.threads < 1:
+        ap.error("--reps and --threads must be >= 1")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    cmd = "python -m benchmarks.step_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.only == "meltr-memory":
+        if device.type != "cpu":
+            ap.error("--only meltr-memory measures on the CPU (the profiler's allocation timeline)")
+        text = meltr_memory_text(meltr_memory(not args.no_progress), cmd.strip(), time.perf_counter() - start)
+        print(text)
+        if args.markdown is not None:
+            write_results_section(
+                args.markdown, "meltr_memory",
+                f"## Peak memory of a MELTR step per solver and product mode (`benchmarks/step_overhead.py`)\n\n{text}",
+            )  # fmt: skip
+        return text
     results = {t.__name__: time_steps(t, device, args.reps, not args.no_progress) for t in (mlp_task, transformer_task)}
     mem = memory_vs_steps(device)
-    cmd = "python -m benchmarks.step_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"Command: `{cmd.strip()}` (torch {torch.__version__}, device {device}, {args.threads} thread(s), "
         f"{args.reps} interleaved rounds, median; {time.perf_counter() - start:.0f} s; host with {os.cpu_count()} "
