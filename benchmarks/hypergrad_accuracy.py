@@ -768,7 +768,7 @@ def write_outputs(res: Results, out_dir: Path) -> Path:
 # ``--only`` runs just the named parts and writes only their sections of results.md (``hypergrad_nystrom``,
 # ``warm_start``), leaving the main ``hypergrad_accuracy`` section as it is.
 
-PARTS = ("nystrom", "warm-start", "itd-memory", "sama", "bf16")
+PARTS = ("nystrom", "warm-start", "itd-memory", "sama", "neumann-sync", "bf16")
 NYSTROM_SECTION, WARM_SECTION = "hypergrad_nystrom", "warm_start"
 NYSTROM_BUDGETS = (1, 2, 5, 10, 20, 30, 50, 100, 200)  # ranks above a problem's dimension are left out
 NYSTROM_RHO_DEFAULT = 0.1  # Hataya & Yamada's default (hypergrad docs: nystrom(..., rank=5, rho=0.1))
@@ -1152,6 +1152,43 @@ def render_bf16(rows: list[list[str]], command: str, seconds: float) -> str:
     )
 
 
+# ------------------------------------------------------------------------- Neumann host synchronisation
+#
+#     python -m benchmarks.hypergrad_accuracy --only neumann-sync      # section ``hypergrad_neumann_sync``
+#
+# Issue 15 item 3: ms per AID-FP hypergradient with 200 Neumann terms on each reference problem, with the
+# divergence test every term (check_every=1, the default) and every 10 / 50 terms, beside betty's Neumann
+# (no divergence test) where it imports; one thread, median of 7 after a warm-up, interleaved per problem.
+
+NEUMANN_SYNC_SECTION, NEUMANN_SYNC_TERMS = "hypergrad_neumann_sync", 200
+
+
+def neumann_sync_rows(terms: int = NEUMANN_SYNC_TERMS, repeats: int = 7) -> list[list[str]]:
+    try:
+        from . import peers as peers_mod
+
+        betty = peers_mod.available().get("betty") is not None
+    except Exception:  # a missing peer is left out, not fatal
+        peers_mod, betty = None, False
+    rows = []
+    for name in PROBLEMS:
+        case = make_case(name)
+        args = (case.problem, case.params, case.hparams, case.ref.inner_batch, case.ref.outer_batch)
+        alpha = 1.0 / case.L
+        thunks = {
+            f"aid-fp, check_every={k}": partial(bl.AIDFP(iters=terms, alpha=alpha, check_every=k).hypergrad, *args)
+            for k in (1, 10, 50)
+        }
+        if betty:
+            thunks["betty neumann"] = partial(
+                peers_mod.peer_hypergrad, "betty", "neumann", *args, iters=terms, alpha=alpha, lr=alpha, tol=CG_TOL
+            )
+        ms = {label: time_call(fn, repeats=repeats, warmup=1)[0] for label, fn in thunks.items()}
+        base = ms["aid-fp, check_every=1"]
+        rows += [[name, label, f"{v:.1f}", f"{v / base:.2f}"] for label, v in ms.items()]
+    return rows
+
+
 def run_parts(parts: list[str], quick: bool, out_dir: Path, command: str) -> dict[str, Any]:
     """Run the ``--only`` parts, print and write their sections of ``out_dir/results.md``."""
     cfg = make_config("quick" if quick else "default", peers=False, memory=False)
@@ -1168,6 +1205,23 @@ def run_parts(parts: list[str], quick: bool, out_dir: Path, command: str) -> dic
         write_section(md, text, WARM_SECTION)
     if "itd-memory" in parts:
         done["itd-memory"] = run_itd_memory(quick, out_dir, command)
+    if "neumann-sync" in parts:
+        start = time.perf_counter()
+        torch.set_num_threads(1)
+        done["neumann-sync"] = rows = neumann_sync_rows(20 if quick else NEUMANN_SYNC_TERMS, 3 if quick else 7)
+        text = "\n".join([
+            "## Neumann series: host synchronisation every k terms "
+            "(`benchmarks/hypergrad_accuracy.py --only neumann-sync`)",
+            "",
+            f"Command: `{command}` ({time.perf_counter() - start:.0f} s, one torch thread, median of 7 after a "
+            "warm-up; "
+            f"{NEUMANN_SYNC_TERMS} terms, alpha = 1/L, at the inner minimiser). `x check_every=1`: time relative to "
+            "our default on the same problem, same run.",
+            "",
+            _table(["problem", "method", "ms per hypergradient", "x check_every=1"], rows),
+        ])  # fmt: skip
+        print(text)
+        write_section(md, text, NEUMANN_SYNC_SECTION)
     if "sama" in parts:
         start = time.perf_counter()
         done["sama"] = rows = sama_rows((20,) if quick else SAMA_STEPS)
@@ -1182,6 +1236,7 @@ def run_parts(parts: list[str], quick: bool, out_dir: Path, command: str) -> dic
         write_section(md, text, BF16_SECTION)
     sections = {
         "nystrom": NYSTROM_SECTION, "warm-start": WARM_SECTION, "itd-memory": ITD_MEMORY_SECTION, "sama": SAMA_SECTION,
+        "neumann-sync": NEUMANN_SYNC_SECTION,
         "bf16": BF16_SECTION,
     }  # fmt: skip
     print(f"wrote sections {[sections[p] for p in parts]} of {md}")
