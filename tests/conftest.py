@@ -129,3 +129,35 @@ def tiny_meltr_args():
         return {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
 
     return obj.problem(), obj.params, obj.hparams, batch("train"), batch("meta")
+
+
+def itd_unroll(
+    P, theta0, lam0, steps, lr, optimizer, k=None, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, eps_root=1e-16
+):
+    """ITD by hand in plain autograd, the reference of the ITD tests. ``k``: truncated back-propagation, the steps
+    before ``steps - k`` on detached tensors, the last ``k`` with a graph (None: all of them)."""
+    k = steps if k is None else k
+    lam = lam0.clone().requires_grad_(True)
+    w = theta0.clone()
+    buf = m = v = None
+    for t in range(steps):
+        graph = t >= steps - k
+        if graph and t == steps - k:  # cut here: theta and the buffers become constants
+            w = w.detach().requires_grad_(True)
+            buf, m, v = (None if x is None else x.detach() for x in (buf, m, v))
+        w_in = w if graph else w.detach().requires_grad_(True)
+        lam_in = lam if graph else lam.detach()
+        (g,) = torch.autograd.grad(P.inner({"w": w_in}, {"lam": lam_in}, P.inner_batch), w_in, create_graph=graph)
+        if optimizer == "sgd":
+            step = g
+        elif optimizer == "momentum":
+            buf = g if buf is None else momentum * buf + g
+            step = buf
+        else:
+            m = (1 - betas[0]) * g if m is None else betas[0] * m + (1 - betas[0]) * g
+            v = (1 - betas[1]) * g * g if v is None else betas[1] * v + (1 - betas[1]) * g * g
+            mh, vh = m / (1 - betas[0] ** (t + 1)), v / (1 - betas[1] ** (t + 1))
+            step = mh / (torch.sqrt(vh + eps_root) + eps)
+        w = w_in - lr * step
+    (hg,) = torch.autograd.grad(P.outer({"w": w}, {"lam": lam}, P.outer_batch), lam)
+    return {"lam": hg}

@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import itd_unroll as _reference
 from conftest import rel_err
 
 import bilevel as bl
-
-
-def _reference(P, theta0, lam0, steps, lr, optimizer, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, eps_root=1e-16):
-    lam = lam0.clone().requires_grad_(True)
-    w = theta0.clone().requires_grad_(True)  # a leaf: the start does not depend on lam
-    buf = m = v = None
-    for t in range(steps):
-        (g,) = torch.autograd.grad(P.inner({"w": w}, {"lam": lam}, P.inner_batch), w, create_graph=True)
-        if optimizer == "sgd":
-            step = g
-        elif optimizer == "momentum":
-            buf = g if buf is None else momentum * buf + g
-            step = buf
-        else:
-            m = (1 - betas[0]) * g if m is None else betas[0] * m + (1 - betas[0]) * g
-            v = (1 - betas[1]) * g * g if v is None else betas[1] * v + (1 - betas[1]) * g * g
-            mh, vh = m / (1 - betas[0] ** (t + 1)), v / (1 - betas[1] ** (t + 1))
-            step = mh / (torch.sqrt(vh + eps_root) + eps)
-        w = w - lr * step
-    (hg,) = torch.autograd.grad(P.outer({"w": w}, {"lam": lam}, P.outer_batch), lam)
-    return {"lam": hg}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import itd_unroll as _unroll
 from conftest import rel_err
 
 import bilevel as bl
@@ -18,35 +19,6 @@ from bilevel.errors import ITDDivergenceError, ITDDivergenceWarning
 from bilevel.testing import ridge_diabetes, ridge_synthetic
 
 OPTIMIZERS = ["sgd", "momentum", "adam"]
-
-
-def _unroll(P, theta0, lam0, steps, lr, optimizer, k=None, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, eps_root=1e-16):
-    """Truncated back-propagation by hand: steps < steps - k on detached tensors, the last k with a graph."""
-    k = steps if k is None else k
-    lam = lam0.clone().requires_grad_(True)
-    w = theta0.clone()
-    buf = m = v = None
-    for t in range(steps):
-        graph = t >= steps - k
-        if graph and t == steps - k:  # cut here: theta and the buffers become constants
-            w = w.detach().requires_grad_(True)
-            buf, m, v = (None if x is None else x.detach() for x in (buf, m, v))
-        w_in = w if graph else w.detach().requires_grad_(True)
-        lam_in = lam if graph else lam.detach()
-        (g,) = torch.autograd.grad(P.inner({"w": w_in}, {"lam": lam_in}, P.inner_batch), w_in, create_graph=graph)
-        if optimizer == "sgd":
-            step = g
-        elif optimizer == "momentum":
-            buf = g if buf is None else momentum * buf + g
-            step = buf
-        else:
-            m = (1 - betas[0]) * g if m is None else betas[0] * m + (1 - betas[0]) * g
-            v = (1 - betas[1]) * g * g if v is None else betas[1] * v + (1 - betas[1]) * g * g
-            mh, vh = m / (1 - betas[0] ** (t + 1)), v / (1 - betas[1] ** (t + 1))
-            step = mh / (torch.sqrt(vh + eps_root) + eps)
-        w = w_in - lr * step
-    (hg,) = torch.autograd.grad(P.outer({"w": w}, {"lam": lam}, P.outer_batch), lam)
-    return {"lam": hg}
 
 
 def _args(P, start="random", value=-1.5):
