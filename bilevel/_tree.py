@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 Tree = dict[str, Tensor]
 LOW_PRECISION: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
@@ -56,13 +57,25 @@ def tree_scale(a: Tree, c: float | Tensor) -> Tree:
 
 
 def tree_dot(a: Tree, b: Tree) -> Tensor:
-    """Inner product ``sum_k <a[k], b[k]>`` as a 0-dim tensor."""
-    return torch.stack([torch.vdot(v.reshape(-1), b[k].reshape(-1)) for k, v in a.items()]).sum()
+    """Inner product ``sum_k <a[k], b[k]>`` as a 0-dim tensor (a plain tensor, the same on every rank,
+    also for FSDP shards)."""
+    return torch.stack([_dot(v, b[k]) for k, v in a.items()]).sum()
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    if isinstance(u, DTensor):  # FSDP shards: vdot's flattening is undefined for uneven shards; summed over ranks
+        return _whole((u * v).sum())
+    return torch.vdot(u.reshape(-1), v.reshape(-1))
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A 0-dim reduction of DTensor shards as a plain tensor (reduced over ranks); other tensors as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def tree_norm(a: Tree) -> Tensor:
     """Euclidean norm of the concatenated leaves, a 0-dim tensor."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in a.values()]))
+    return torch.linalg.vector_norm(torch.stack([_whole(torch.linalg.vector_norm(v)) for v in a.values()]))
 
 
 def tree_zeros_like(a: Tree) -> Tree:

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ._tree import Tree
 
 __all__ = [
     "all_reduce_mean",
+    "is_sharded",
     "all_reduce_mean_tensors",
     "broadcast_module",
     "is_distributed",
@@ -46,19 +48,47 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def is_sharded(tree: dict[str, Tensor]) -> bool:
+    """True when the leaves of ``tree`` are parameters sharded by FSDP2 (``fully_shard``): DTensor
+    ``nn.Parameter`` objects, the module's own (see "FSDP" in ``docs/distributed.md``).
+
+    FSDP evaluates its module only at its parameters' values and delivers gradients only through
+    ``backward()`` into their ``.grad``, so the solvers work on the live parameters (writing a point into
+    them and restoring it). Raises ``ValueError`` when only some leaves are DTensors, or when DTensor
+    leaves are not parameters (e.g. ``p.detach()``: pass ``dict(model.named_parameters())``).
+    """
+    flags = [isinstance(v, DTensor) for v in tree.values()]
+    if not any(flags):
+        return False
+    if not all(flags):
+        mixed = [k for k, f in zip(tree, flags, strict=True) if not f][:3]
+        raise ValueError(f"some leaves are FSDP shards (DTensor), some are not (e.g. {mixed}): shard the whole model")
+    plain = [k for k, v in tree.items() if not isinstance(v, nn.Parameter)][:3]
+    if plain:
+        raise ValueError(
+            f"{plain} are DTensors but not parameters: with an FSDP2 (fully_shard) model pass its live parameters, "
+            "dict(model.named_parameters()), not detached copies (FSDP evaluates the module at its own parameters)"
+        )
+    return True
+
+
 def all_reduce_mean_tensors(tensors: list[Tensor]) -> list[Tensor]:
     """Rank means of ``tensors`` (new tensors; the inputs are untouched).
 
     All tensors are flattened into one buffer per dtype and reduced with one ``all_reduce(SUM)``
     each (gloo and NCCL reduce with SUM; the mean divides by the world size afterwards). Outside a
-    multi-rank process group the inputs are returned as they are.
+    multi-rank process group the inputs are returned as they are. DTensors (gradients of FSDP2
+    shards) are returned as they are: FSDP's reduce-scatter has already averaged them over ranks,
+    and each rank holds a different shard.
     """
     if not is_distributed() or not tensors:
         return list(tensors)
     n = dist.get_world_size()
-    out: list[Tensor | None] = [None] * len(tensors)
+    out: list[Tensor | None] = [t if isinstance(t, DTensor) else None for t in tensors]
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(tensors):
+        if isinstance(t, DTensor):
+            continue
         groups.setdefault((t.dtype, t.device), []).append(i)
     for idx in groups.values():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
@@ -84,11 +114,13 @@ def all_reduce_mean(tree: Tree) -> Tree:
 
 @torch.no_grad()
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Copy ``module``'s parameters and buffers from rank ``src`` to all ranks (as DDP does at start)."""
+    """Copy ``module``'s parameters and buffers from rank ``src`` to all ranks (as DDP does at start).
+    FSDP2 shards (DTensors) are left alone: each rank holds a different piece of them."""
     if not is_distributed():
         return
     for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=src)
+        if not isinstance(t, DTensor):
+            dist.broadcast(t.data, src=src)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -53,7 +53,12 @@ The mixed product ``J v`` has its own modes (``mixed=``):
     (``grad_phi g(theta)`` is taken once from it), error ``O(e)``.
 
 With ``hvp="fd"`` and a first-order ``mixed`` mode, no second-order graph is ever built, so the peak
-memory is that of a gradient of ``g``. Each exact mode's products are equal to rounding (tested).
+memory is that of a gradient of ``g``. These are also the only modes that run on a model sharded by
+FSDP2 (``fully_shard``; params given as its live DTensor parameters, :func:`bilevel.distributed.is_sharded`):
+FSDP evaluates the module only at its own parameter values and returns gradients only through
+``backward()`` into ``.grad``, so every gradient is taken by writing the point into the shards, one
+``backward()``, reading ``.grad`` and restoring values and ``.grad`` exactly (``_sharded_first_order``).
+Each exact mode's products are equal to rounding (tested).
 ``docs/results.md`` has the measurements behind the defaults.
 """
 
@@ -70,6 +75,7 @@ from torch.func import grad, grad_and_value, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._tree import Tree, tree_add, tree_norm
+from .distributed import is_sharded
 from .problem import BilevelProblem, Objective, check_differentiable, check_finite
 
 __all__ = [
@@ -78,6 +84,7 @@ __all__ = [
     "MixedMode",
     "Reduce",
     "grad_tree",
+    "first_order_gradients",
     "leaves",
     "outer_gradients",
     "resampled_hvp",
@@ -87,6 +94,7 @@ HVPMode = Literal["rev-rev", "autograd", "fwd-rev", "fd"]
 HVP_MODES: tuple[str, ...] = ("rev-rev", "autograd", "fwd-rev", "fd")
 MixedMode = Literal["autograd", "jvp", "fd", "fd-onesided"]
 MIXED_MODES: tuple[str, ...] = ("autograd", "jvp", "fd", "fd-onesided")
+FIRST_ORDER_MIXED: tuple[str, ...] = ("fd", "fd-onesided")
 
 
 Reduce = Callable[[Tree], Tree]
@@ -124,8 +132,8 @@ def outer_gradients(
     """
     red = reduce or _identity
     f = problem.objective("outer", "grad of f")
-    if mode in ("autograd", "fd"):
-        value, g_theta, g_phi = _first_order(f, params, hparams, batch, "outer", "grad of f")
+    if mode in ("autograd", "fd") or is_sharded(params):
+        value, g_theta, g_phi = first_order_gradients(f, params, hparams, batch, "outer", "grad of f")
     else:
         (g_theta, g_phi), value = grad_and_value(f, argnums=(0, 1))(params, hparams, batch)
         check_finite(value, "outer", "grad of f")
@@ -170,6 +178,9 @@ class Linearization:
             raise ValueError(f"unknown mixed-product mode {mixed!r}; choose one of {MIXED_MODES}")
         if isinstance(fd_radius, bool) or not isinstance(fd_radius, (int, float)) or not 0 < fd_radius < math.inf:
             raise ValueError(f"fd_radius must be a finite number > 0, got {fd_radius!r}")
+        self._sharded = is_sharded(params)
+        if self._sharded:
+            check_sharded_modes(mixed, reduce)
         self.mixed_mode: MixedMode = mixed
         self.fd_radius = float(fd_radius)
         self._grad_phi0: Tree | None = None
@@ -185,6 +196,10 @@ class Linearization:
             self._build(g, params, hparams, batch, mode)
 
     def _build(self, g: Objective, params: Tree, hparams: Tree, batch: Any, mode: HVPMode) -> None:
+        if self._sharded:  # FSDP: first order at the live shards (the HVP, if any, must be "fd")
+            self.value, self.grad_theta, grad_phi = self._gradients_at(params)
+            self._grad_phi0 = grad_phi if self.mixed_mode == "fd-onesided" else None
+            return
         if mode == "autograd" or (mode == "fd" and self.mixed_mode == "autograd"):
             with torch.enable_grad():
                 self._th, self._ph = leaves(params), leaves(hparams)
@@ -200,7 +215,7 @@ class Linearization:
             self._graph = {k: v for k, v in g_theta.items() if v.requires_grad}
             return
         if mode == "fd":  # first order: grad_theta g (and grad_phi g for fd-onesided), no graph kept
-            value, self.grad_theta, grad_phi = _first_order(g, params, hparams, batch)
+            value, self.grad_theta, grad_phi = first_order_gradients(g, params, hparams, batch)
             self.value = value
             self._grad_phi0 = grad_phi if self.mixed_mode == "fd-onesided" else None
             return
@@ -213,7 +228,13 @@ class Linearization:
             self.grad_theta, self.value = grad_g(params, hparams, batch)
         check_finite(self.value, "inner", "grad/Hessian of g")
         if self.mixed_mode == "fd-onesided":
-            self._grad_phi0 = _first_order(g, params, hparams, batch)[2]
+            self._grad_phi0 = first_order_gradients(g, params, hparams, batch)[2]
+
+    def _gradients_at(self, point: Tree) -> tuple[Tensor, Tree, Tree]:
+        """``(g, grad_theta g, grad_phi g)`` at ``theta = point`` (first order, no graph kept)."""
+        if self._sharded:
+            return _sharded_first_order(self._g, self._params, point, self._hparams, self._batch)
+        return first_order_gradients(self._g, point, self._hparams, self._batch)
 
     @property
     def problem(self) -> BilevelProblem:
@@ -246,7 +267,9 @@ class Linearization:
         """``H p`` with ``H`` the Hessian of ``g`` in ``params`` (shape of ``params``)."""
         self.n_hvp += 1
         if self.mode == "fd":
-            return self._reduce(self._difference(p, lambda t: _first_order(self._g, t, self._hparams, self._batch)[1]))
+            return self._reduce(self._difference(p, lambda t: self._gradients_at(t)[1]))
+        if self._sharded:
+            raise ValueError(f"hvp={self.mode!r} cannot run on FSDP shards (it needs double backward): use hvp='fd'")
         if self.mode == "autograd":
             return self._reduce(self._backward(p, self._th))
         if self.mode == "rev-rev":
@@ -262,10 +285,10 @@ class Linearization:
             with _composite_layer_norm():
                 return self._reduce(grad(lambda hp: jvp(lambda t: g(t, hp, b), (self._params,), (v,))[1])(h))
         if self.mixed_mode == "fd":
-            return self._reduce(self._difference(v, lambda t: _first_order(g, t, h, b)[2]))
+            return self._reduce(self._difference(v, lambda t: self._gradients_at(t)[2]))
         if self.mixed_mode == "fd-onesided":
             assert self._grad_phi0 is not None
-            return self._reduce(self._difference(v, lambda t: _first_order(g, t, h, b)[2], self._grad_phi0))
+            return self._reduce(self._difference(v, lambda t: self._gradients_at(t)[2], self._grad_phi0))
         if self.mode == "autograd" or self.mode == "fd":
             return self._reduce(self._backward(v, self._ph))
         if self.mode == "rev-rev":
@@ -281,10 +304,13 @@ class Linearization:
             ref = at_theta if at_theta is not None else grad_at(self._params)
             return {k: torch.zeros_like(x) for k, x in ref.items()}
         e = self.fd_radius / norm
+        fresh = not self.modified()
         plus = grad_at(tree_add(self._params, d, e))
-        if at_theta is not None:
-            return {k: (plus[k] - at_theta[k]) / e for k in plus}
-        minus = grad_at(tree_add(self._params, d, -e))
+        minus = grad_at(tree_add(self._params, d, -e)) if at_theta is None else None
+        if self._sharded and fresh:  # the shards were written and restored (same values): still current
+            self._versions = [{k: v._version for k, v in tree.items()} for tree in (self._params, self._hparams)]
+        if minus is None:
+            return {k: (plus[k] - at_theta[k]) / e for k in plus}  # type: ignore[index]
         return {k: (plus[k] - minus[k]) / (2 * e) for k in plus}
 
     def _backward(self, cotangent: Tree, inputs: dict[str, Tensor]) -> Tree:
@@ -323,7 +349,7 @@ def _composite_layer_norm() -> Iterator[None]:
         torch.nn.functional.layer_norm = original
 
 
-def _first_order(
+def first_order_gradients(
     fn: Objective,
     params: Tree,
     hparams: Tree,
@@ -331,7 +357,10 @@ def _first_order(
     level: str = "inner",
     stage: str = "first-order gradient of g (finite differences)",
 ) -> tuple[Tensor, Tree, Tree]:
-    """``(fn, grad_theta fn, grad_phi fn)`` by one forward and one first-order backward pass (no graph kept)."""
+    """``(fn, grad_theta fn, grad_phi fn)`` by one forward and one first-order backward pass (no graph kept);
+    for FSDP2 parameters by their own gradient path (:func:`_sharded_first_order`)."""
+    if is_sharded(params):
+        return _sharded_first_order(fn, params, params, hparams, batch, level, stage)
     with torch.enable_grad():
         th, ph = leaves(params), leaves(hparams)
         value = fn(th, ph, batch)
@@ -339,6 +368,65 @@ def _first_order(
         check_differentiable(value, level, stage)
         out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
     return value.detach(), dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
+
+
+def check_sharded_modes(mixed: str, reduce: Reduce | None) -> None:
+    """Refuse what cannot run on FSDP2 shards: an exact mixed product (double backward) and, with more than
+    one rank, a missing ``reduce`` (FSDP averages ``grad_theta`` over ranks; ``grad_phi`` must be too)."""
+    if mixed not in FIRST_ORDER_MIXED:
+        raise ValueError(
+            f"mixed={mixed!r} cannot run on FSDP shards (it needs double backward, which FSDP does not support): "
+            f"use mixed in {FIRST_ORDER_MIXED} (and hvp='fd' where HVPs are taken), e.g. bl.SAMA() or "
+            "bl.AIDFPLite(mixed='fd')"
+        )
+    if reduce is None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "params are FSDP shards on several ranks: pass reduce=bilevel.distributed.all_reduce_mean (FSDP already "
+            "averages the parameters' gradients over ranks; the hparams' gradients need the same mean)"
+        )
+
+
+def _sharded_first_order(
+    fn: Objective,
+    live: Tree,
+    point: Tree,
+    hparams: Tree,
+    batch: Any,
+    level: str = "inner",
+    stage: str = "first-order gradient of g (finite differences)",
+) -> tuple[Tensor, Tree, Tree]:
+    """``(fn, grad_theta fn, grad_phi fn)`` at ``theta = point`` for FSDP2 parameters ``live`` (the module's own).
+
+    ``point`` is copied into the shards (skipped when it is ``live``), ``fn(live, hparams, batch).backward()``
+    runs FSDP's gradient path (all-gather, backward, reduce-scatter: ``grad_theta`` is the rank mean, a
+    sharded DTensor like ``live``), and the shards' values and ``.grad`` are restored exactly (copies), also
+    when ``fn`` raises. Every rank must make the same calls (FSDP's collectives).
+    """
+    keys = list(live)
+    moved = point is not live
+    saved_grad = {k: live[k].grad for k in keys}
+    saved = {k: live[k].detach().clone() for k in keys} if moved else {}
+    try:
+        with torch.no_grad():
+            for k in keys:
+                live[k].grad = None
+                if moved:
+                    live[k].copy_(point[k])
+        with torch.enable_grad():
+            ph = leaves(hparams)
+            value = fn(live, ph, batch)
+            check_finite(value.detach(), level, stage)
+            check_differentiable(value, level, stage)
+            value.backward()
+        g_theta = {k: torch.zeros_like(live[k]) if live[k].grad is None else live[k].grad for k in keys}
+        g_phi = {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in ph.items()}
+    finally:
+        with torch.no_grad():
+            for k in keys:
+                if moved:
+                    live[k].copy_(saved[k])
+                live[k].grad = saved_grad[k]
+    return value.detach(), g_theta, g_phi
 
 
 def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree], Tree]:
@@ -360,7 +448,8 @@ def resampled_hvp(lin: Linearization, batches: Iterator[Any]) -> Callable[[Tree]
             raise ValueError(f"the HVP batches ran out after {drawn} product(s); pass an endless stream") from None
         drawn += 1
         # only its HVP is used: "jvp" (not "autograd") so that an "fd" HVP builds no graph
-        return Linearization(lin.problem, lin.params, lin.hparams, batch, lin.mode, lin.reduce, "jvp").hvp(p)
+        mixed = lin.mixed_mode if lin._sharded else "jvp"  # FSDP shards: first order throughout
+        return Linearization(lin.problem, lin.params, lin.hparams, batch, lin.mode, lin.reduce, mixed).hvp(p)
 
     matvec.stochastic = True  # type: ignore[attr-defined]  (a term may grow on one batch: see neumann_series)
     return matvec

@@ -18,9 +18,19 @@ from typing import Any, Literal, overload
 
 from .._checks import check_choice, check_positive
 from .._tree import Tree, tree_sub
+from ..distributed import is_sharded
 from ..linalg import LinearSolve, MatVec, accepts_warm_start, solve_accumulating
 from ..problem import BilevelProblem
-from ..products import HVP_MODES, MIXED_MODES, HVPMode, Linearization, MixedMode, Reduce, outer_gradients
+from ..products import (
+    HVP_MODES,
+    MIXED_MODES,
+    HVPMode,
+    Linearization,
+    MixedMode,
+    Reduce,
+    check_sharded_modes,
+    outer_gradients,
+)
 from .base import Call, HypergradInfo, Solver
 
 __all__ = ["AID", "AIDSolver"]
@@ -44,6 +54,18 @@ class AIDSolver(Solver):
         check_positive("fd_radius", self.fd_radius)
         self.linear_solve()  # the factory validates the solve's options
 
+    uses_hvp = True
+    """Whether :meth:`linear_solve` takes Hessian-vector products (the identity solves do not)."""
+
+    def check_sharded(self, reduce: Reduce | None) -> None:
+        """FSDP2 shards: the mixed product must be first order, and so must the HVP where the solve takes any."""
+        if self.uses_hvp and self.hvp != "fd":
+            raise ValueError(
+                f"{self.name} with hvp={self.hvp!r} cannot run on FSDP (fully_shard) parameters (double backward): "
+                "use hvp='fd' and mixed='fd', or bl.SAMA() / bl.AIDFPLite(mixed='fd')"
+            )
+        check_sharded_modes(self.mixed, reduce)
+
     @property
     def supports_warm_start(self) -> bool:
         """Whether :meth:`linear_solve` takes a warm start ``x0`` (CG and Neumann do)."""
@@ -54,6 +76,8 @@ class AIDSolver(Solver):
     ) -> Linearization:
         """``g`` linearised at ``(params, hparams)`` on ``batch`` with this solver's product modes, e.g.
         for a training loop's inner step whose linearisation then serves :meth:`hypergrad_at`."""
+        if is_sharded(params):
+            self.check_sharded(reduce)
         return Linearization(problem, params, hparams, batch, self.hvp, reduce, self.mixed, self.fd_radius)
 
     @abstractmethod

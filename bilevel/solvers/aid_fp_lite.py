@@ -48,6 +48,7 @@ class AIDFPLite(AIDSolver):
     fd_radius: float = 1e-2
 
     name = "aid-fp-lite"
+    uses_hvp = False
 
     def linear_solve(self) -> LinearSolve:
         return identity(self.scale)

@@ -28,6 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._tree import Tree, tree_all_finite, tree_detach
+from ..distributed import is_sharded
 from ..functional import buffers_read_only
 from ..linalg import SolveResult
 from ..problem import BilevelProblem, check_trees
@@ -213,10 +214,22 @@ class Solver(ABC):
             raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
         _, device = check_trees(params, hparams)
         call = self._call(device, reduce, hvp_batches, v0, preconditioner)
+        if is_sharded(params):  # FSDP: the live shards themselves (see bilevel.distributed.is_sharded)
+            self.check_sharded(reduce)
+        else:
+            params = tree_detach(params)
         return self._finish(
             call,
-            lambda: self._hypergrad(problem, tree_detach(params), tree_detach(hparams), inner_batch, outer_batch, call),
+            lambda: self._hypergrad(problem, params, tree_detach(hparams), inner_batch, outer_batch, call),
             return_info,
+        )
+
+    def check_sharded(self, reduce: Reduce | None) -> None:
+        """Raise ``ValueError`` unless this solver can run on FSDP2 shards (first-order products only)."""
+        raise ValueError(
+            f"{self.name} cannot run on FSDP (fully_shard) parameters: it differentiates twice through the model, "
+            "which FSDP does not support; first-order solvers can: bl.SAMA(), bl.AIDFPLite(mixed='fd'), or "
+            "AID-CG / AID-FP / Nyström with hvp='fd' and mixed='fd'"
         )
 
     def _call(

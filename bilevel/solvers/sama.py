@@ -10,13 +10,11 @@ from torch import Tensor
 
 from .._tree import Tree
 from ..linalg import LinearSolve, diagonal, identity
-from ..products import HVPMode, MixedMode
+from ..products import FIRST_ORDER_MIXED, HVPMode, MixedMode
 from .aid import AIDSolver
 from .base import Call
 
 __all__ = ["SAMA", "check_sama_optimizer", "sama_preconditioner"]
-
-FIRST_ORDER_MIXED = ("fd", "fd-onesided")
 
 
 @dataclass
@@ -63,6 +61,7 @@ class SAMA(AIDSolver):
     fd_radius: float = 1e-2
 
     name = "sama"
+    uses_hvp = False
     takes_preconditioner = True
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from .._checks import check_int
 from .._tree import Tree, all_finite
 from ..checkpoint import FORMAT, load_checkpoint, save_checkpoint, set_rng_state
 from ..problem import BilevelProblem, Objective, check_differentiable
-from ..products import Linearization, Reduce
+from ..products import Linearization, Reduce, first_order_gradients
 from ..solvers import SOLVERS, AIDSolver, HypergradInfo, Solver
 from ..solvers.sama import check_sama_optimizer, sama_preconditioner
 from . import state as _state
@@ -119,6 +119,11 @@ class BilevelTrainer:
         if not self._names:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._sharded = bdist.is_sharded(dict(zip(self._names, self._params, strict=True)))
+        if self._sharded and solver is not None:
+            solver.check_sharded(bdist.all_reduce_mean if bdist.is_distributed() else None)
+        if self._sharded and config.autocast == "fp16":
+            raise ValueError("autocast='fp16' (a gradient scaler) is not supported on FSDP-sharded models; use 'bf16'")
         self._meta_named = (
             [(n, p) for n, p in meta_model.named_parameters() if p.requires_grad] if meta_model is not None else []
         )
@@ -158,7 +163,10 @@ class BilevelTrainer:
     # ------------------------------------------------------------------ state
     @property
     def params(self) -> Tree:
-        """theta: the model's trainable parameters by name (detached, sharing storage)."""
+        """theta: the model's trainable parameters by name (detached, sharing storage; for a model sharded by
+        FSDP2, the live parameters themselves, see :func:`bilevel.distributed.is_sharded`)."""
+        if self._sharded:
+            return dict(zip(self._names, self._params, strict=True))
         return {n: p.detach() for n, p in zip(self._names, self._params, strict=True)}
 
     @property
@@ -212,6 +220,11 @@ class BilevelTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Save :meth:`state_dict` atomically to ``path`` (rank 0 writes; a collective call in distributed runs)."""
+        if self._sharded:
+            raise NotImplementedError(
+                "checkpoints of an FSDP-sharded model: rank 0 does not hold the whole model; save it with "
+                "torch.distributed.checkpoint (BilevelTrainer's own checkpoints cover unsharded models)"
+            )
         state = self.state_dict()
         if not self.distributed or bdist.rank() == 0:
             save_checkpoint(state, path)
@@ -303,6 +316,17 @@ class BilevelTrainer:
         cfg, step = self.config, self.step_count + 1
         if lin is not None:
             value, grads = float(lin.value), [lin.grad_theta[n] for n in self._names]
+        elif self._sharded:  # FSDP: its own gradient path (backward into .grad, restored; see products)
+            try:
+                with self._autocast():
+                    loss_t, g_theta, _ = first_order_gradients(self._g, self.params, self.hparams, batch)
+            except FloatingPointError as exc:
+                if cfg.on_nonfinite == "raise":
+                    raise self._fail(snap, f"step {step}: {exc} (inner level)", "inner", None) from exc
+                self._skip_inner()
+                return InnerResult(float("nan"), skipped=True)
+            value = float(loss_t)
+            grads = [g_theta[n] / cfg.grad_accumulation for n in self._names]
         else:
             with self._autocast():
                 loss = self._g(dict(zip(self._names, self._params, strict=True)), self.hparams, batch)
