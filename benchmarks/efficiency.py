@@ -65,27 +65,31 @@ BEGIN, END = "<!-- BEGIN table8 -->", "<!-- END table8 -->"
 NOTES = "<!-- notes -->"
 ROOT = Path(__file__).resolve().parent.parent
 
-# (row label, method, solver, share_linearization). The AID rows share the inner step's linearisation
+# (row label, method, solver, share_linearization, mixed). The AID rows share the inner step's linearisation
 # (bilevel.TrainerConfig.share_linearization: the hyper step comes before that step's inner update and
-# reuses its grad_theta g graph); the last row is AID-FP-Lite without it (the hyper step after the
-# update, as in the paper's code), so the table shows what sharing saves. --no-share turns it off.
-Row = tuple[str, str, str, bool]
+# reuses its grad_theta g graph); AID-FP-Lite also runs without it (the hyper step after the update, as in
+# the paper's code), so the table shows what sharing saves. --no-share turns it off. ``mixed``: the mixed
+# product's mode (FinetuneConfig.mixed); the first-order rows (AID-FP-Lite with "fd", SAMA) need no
+# second-order graph.
+Row = tuple[str, str, str, bool, str]
 ROWS: list[Row] = [
-    ("MTL", "mtl", "aid-fp-lite", False),
-    ("MELTR + ITD (1-step look-ahead)", "meltr", "itd", False),
-    ("MELTR + StocBiO (shared)", "meltr", "stocbio", True),
-    ("MELTR + AID-CG (shared)", "meltr", "aid-cg", True),
-    ("MELTR + AID-FP (Neumann, shared)", "meltr", "aid-fp", True),
-    ("MELTR + AID-FP-Lite (shared)", "meltr", "aid-fp-lite", True),
-    ("MELTR + AID-FP-Lite (not shared: hyper step after the update)", "meltr", "aid-fp-lite", False),
+    ("MTL", "mtl", "aid-fp-lite", False, "autograd"),
+    ("MELTR + ITD (1-step look-ahead)", "meltr", "itd", False, "autograd"),
+    ("MELTR + StocBiO (shared)", "meltr", "stocbio", True, "autograd"),
+    ("MELTR + AID-CG (shared)", "meltr", "aid-cg", True, "autograd"),
+    ("MELTR + AID-FP (Neumann, shared)", "meltr", "aid-fp", True, "autograd"),
+    ("MELTR + AID-FP-Lite (shared)", "meltr", "aid-fp-lite", True, "autograd"),
+    ("MELTR + AID-FP-Lite (not shared: hyper step after the update)", "meltr", "aid-fp-lite", False, "autograd"),
+    ("MELTR + AID-FP-Lite (fd, shared)", "meltr", "aid-fp-lite", True, "fd"),
+    ("MELTR + SAMA (shared)", "meltr", "sama", True, "autograd"),
 ]
 # Peers in the same loop (benchmarks.peers.PeerSolver): rows without a paper figure. betty's CG is left
 # out of "auto": betty 0.2.1 builds each CG direction from the old residual (see benchmarks/peers.py).
 PEER_ROWS: list[Row] = [
-    ("torchopt: implicit diff., CG", "meltr", "torchopt:cg", False),
-    ("betty: implicit diff., Neumann", "meltr", "betty:neumann", False),
-    ("torchopt: implicit diff., Neumann", "meltr", "torchopt:neumann", False),
-    ("betty: implicit diff., CG (betty 0.2.1's CG)", "meltr", "betty:cg", False),
+    ("torchopt: implicit diff., CG", "meltr", "torchopt:cg", False, "autograd"),
+    ("betty: implicit diff., Neumann", "meltr", "betty:neumann", False, "autograd"),
+    ("torchopt: implicit diff., Neumann", "meltr", "torchopt:neumann", False, "autograd"),
+    ("betty: implicit diff., CG (betty 0.2.1's CG)", "meltr", "betty:cg", False, "autograd"),
 ]
 PEERS_AUTO = ("torchopt:cg", "betty:neumann")
 # Paper Table 8 (UniVL on MSRVTT-7k text-to-video retrieval): R@1, seconds per epoch, overhead %.
@@ -122,12 +126,12 @@ FEATURE_CACHE = ROOT / "runs" / "features"  # make_testbed's CNN feature encoder
 def no_share(rows: list[Row]) -> list[Row]:
     """``rows`` with ``share_linearization`` off everywhere (``--no-share``), duplicates dropped."""
     out: list[Row] = []
-    for label, method, solver, share in rows:
-        if any(_key(m, s, sh) == _key(method, solver, False) for _, m, s, sh in out):
+    for label, method, solver, share, mixed in rows:
+        if any(_key(m, s, sh, mx) == _key(method, solver, False, mixed) for _, m, s, sh, mx in out):
             continue
         if share:
             label = label.replace(" (shared)", "").replace(", shared)", ")")
-        out.append((label, method, solver, False))
+        out.append((label, method, solver, False, mixed))
     return out
 
 
@@ -168,8 +172,8 @@ def peer_rows(spec: str) -> tuple[list[Row], list[str]]:
                 raise ImportError(f"--peers {n}: {peer} does not import (scripts/install_peers.sh installs it)")
             skipped.append(f"{n} (does not import)")
             continue
-        label, m, solver, share = known[n]
-        rows.append((f"{label} [{peer} {versions[peer]}]", m, solver, share))
+        label, m, solver, share, mixed = known[n]
+        rows.append((f"{label} [{peer} {versions[peer]}]", m, solver, share, mixed))
     return rows, skipped
 
 
@@ -190,11 +194,11 @@ def profile(
     from torch.profiler import profile as tprofile
 
     blocks = []
-    for _, method, solver, share in ROWS:
+    for _, method, solver, share, mixed in ROWS:
         if share:  # the profile times a solver's hypergradient alone, where sharing has nothing to share
             continue
         cfg = FinetuneConfig(
-            method=method, solver=solver, iters=iters, data="testbed", sizes=sizes, epochs=1, lr=lr,
+            method=method, solver=solver, iters=iters, mixed=mixed, data="testbed", sizes=sizes, epochs=1, lr=lr,
             batch_size=batch_size, progress=False,
         )  # fmt: skip
         run = FinetuneRun(cfg, data, pre, solver=_peer(cfg))
@@ -225,9 +229,12 @@ def profile(
     return "\n\n".join(blocks)
 
 
-def _key(method: str, solver: str, share: bool) -> str:
-    """The row's name in results and plots: ``mtl``, the solver, ``+shared`` for a shared linearisation."""
-    return "mtl" if method == "mtl" else solver + ("+shared" if share else "")
+def _key(method: str, solver: str, share: bool, mixed: str = "autograd") -> str:
+    """The row's name in results and plots: ``mtl``, the solver, ``/MODE`` for a non-default mixed-product mode,
+    ``+shared`` for a shared linearisation."""
+    if method == "mtl":
+        return "mtl"
+    return solver + (f"/{mixed}" if mixed != "autograd" else "") + ("+shared" if share else "")
 
 
 def run_table(
@@ -252,17 +259,17 @@ def run_table(
     ``pretrained_path``: recorded in the runs' configs (``pretrained`` holds the weights)."""
     rows = ROWS if rows is None else rows
     data = data if data is not None else make_testbed(0, sizes=sizes, cache_dir=FEATURE_CACHE)
-    raw: dict[str, list[dict[str, Any]]] = {_key(m, s, sh): [] for _, m, s, sh in rows}
+    raw: dict[str, list[dict[str, Any]]] = {_key(m, s, sh, mx): [] for _, m, s, sh, mx in rows}
     bar = tqdm(total=seeds * epochs * len(rows), desc="table 8 (row-epochs)", disable=not progress)
     for seed in range(seeds):
         runs = {}
-        for _, method, solver, share in rows:
+        for _, method, solver, share, mixed in rows:
             cfg = FinetuneConfig(
-                task="retrieval", method=method, solver=solver, seed=seed, epochs=epochs, K=K, iters=iters,
+                task="retrieval", method=method, solver=solver, mixed=mixed, seed=seed, epochs=epochs, K=K, iters=iters,
                 data="testbed", sizes=sizes, batch_size=batch_size, lr=lr, share_linearization=share,
                 pretrained=pretrained_path, progress=False, eval_threads=eval_threads,
             )  # fmt: skip
-            runs[_key(method, solver, share)] = FinetuneRun(cfg, data, pretrained, solver=_peer(cfg))
+            runs[_key(method, solver, share, mixed)] = FinetuneRun(cfg, data, pretrained, solver=_peer(cfg))
         keys = list(runs)
         for ep in range(epochs):
             shift = (seed * epochs + ep) % len(keys)
@@ -296,8 +303,8 @@ def summarise(raw: dict[str, list[dict[str, Any]]], rows: list[Row]) -> list[dic
     med = {k: statistics.median([t for r in rs for t in r["epoch_seconds"]]) for k, rs in raw.items()}
     base = med.get("mtl")
     out = []
-    for label, method, solver, share in rows:
-        k = _key(method, solver, share)
+    for label, method, solver, share, mixed in rows:
+        k = _key(method, solver, share, mixed)
         rs = raw[k]
         row: dict[str, Any] = {"label": label, "key": k, "seconds_per_epoch": med[k]}
         for metric in ("R@1", "R@5", "MedR"):

@@ -78,7 +78,13 @@ class AIDSolver(Solver):
         for a training loop's inner step whose linearisation then serves :meth:`hypergrad_at`."""
         if is_sharded(params):
             self.check_sharded(reduce)
-        return Linearization(problem, params, hparams, batch, self.hvp, reduce, self.mixed, self.fd_radius)
+        return Linearization(problem, params, hparams, batch, self._lin_mode, reduce, self.mixed, self.fd_radius)
+
+    @property
+    def _lin_mode(self) -> HVPMode:
+        """The linearisation's HVP mode: ``hvp``, except for a solve that takes no HVP with a mixed mode that
+        needs no first-order graph (``"jvp"``, ``"fd"``, ``"fd-onesided"``): then ``"fd"``, which keeps none."""
+        return self.hvp if self.uses_hvp or self.mixed == "autograd" else "fd"
 
     @abstractmethod
     def linear_solve(self) -> LinearSolve:

@@ -66,7 +66,9 @@ def default_pretrained(backbone: str, data: str) -> str:
     return DEFAULT_PRETRAINED["univl-digits" if (backbone, data) == ("univl", "digits") else backbone]
 
 
-SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio")
+SOLVERS = ("aid-fp-lite", "aid-cg", "aid-fp", "itd", "stocbio", "sama")
+#: how the AID solvers take the mixed product J v (bilevel.products): exact ("autograd", "jvp") or first order
+MIXED = ("autograd", "jvp", "fd", "fd-onesided")
 # those that take a shared linearisation (bilevel's AID solvers)
 AID_SOLVERS = tuple(n for n in SOLVERS if issubclass(bl.SOLVERS[n], AIDSolver))
 META_BATCH = ("heldout", "last10")
@@ -97,6 +99,10 @@ class FinetuneConfig:
         gamma: weight of MELTR's regulariser ``|sum_t L_t - L_aux|`` in ``f``.
         meta_batch: ``"heldout"`` (the ``meta`` split) or ``"last10"`` (official code).
         iters, alpha: solver options (see the module docstring).
+        mixed: how the AID solvers take the mixed product ``J v`` (``bilevel.products``): ``"autograd"``
+            (default), ``"jvp"`` (exact, forward mode), ``"fd"`` / ``"fd-onesided"`` (first order); ``"sama"``
+            is first order by definition (``"fd"`` unless ``"fd-onesided"``). The HVP mode follows: ``"fd"``
+            with a first-order ``mixed``, so that no second-order graph is built.
         share_linearization: MELTR with an AID solver: one linearisation of ``g`` per hyper step serves
             both the inner update and the hypergradient, the hyper step coming before that step's
             inner update (``bilevel.TrainerConfig.share_linearization``); saves one forward and
@@ -135,6 +141,7 @@ class FinetuneConfig:
     share_linearization: bool = _flag(
         False, "AID solvers: one linearisation of g serves the inner update and the hyper step (taken first)"
     )
+    mixed: str = _flag("autograd", "AID solvers: the mixed product's mode (sama: fd unless fd-onesided)", choices=MIXED)
     data_seed: int = _flag(0, "seed of the data set")
     data: str | None = _flag(None, "testbed (default) or digits (Violet and QA)", choices=DATA)
     sizes: dict[str, int] | None = None  # the CLI's --train-size, --meta-size, --val-size, --test-size
@@ -192,6 +199,10 @@ class FinetuneConfig:
                 f"share_linearization needs an AID solver {AID_SOLVERS}, got {self.solver!r} (ITD and the peers' "
                 "solvers linearise g themselves)"
             )
+        if self.mixed not in MIXED:
+            raise ValueError(f"unknown mixed-product mode {self.mixed!r}; choose one of {MIXED}")
+        if self.mixed != "autograd" and self.method == "meltr" and self.solver not in AID_SOLVERS:
+            raise ValueError(f"mixed={self.mixed!r} is for the AID solvers {AID_SOLVERS}, not {self.solver!r}")
         if self.meta_batch not in META_BATCH:
             raise ValueError(f"unknown meta batch source {self.meta_batch!r}; choose one of {META_BATCH}")
         for name in ("epochs", "K", "batch_size", "iters"):
@@ -226,13 +237,14 @@ class FinetuneConfig:
 
     @property
     def name(self) -> str:
-        """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite`` (the method and solver only)."""
+        """A short label: ``mtl``, ``single``, ``meltr-aid-fp-lite`` (method, solver, a non-default mixed mode)."""
         if self.method == "weighted":
             w = ",".join(f"{k}={v:g}" for k, v in (self.weights or {}).items() if v)
             return f"weighted[{w}]" + ("+meta" if self.train_on_meta else "")
         if self.method != "meltr":
             return self.method + ("+meta" if self.train_on_meta else "")
-        return f"meltr-{self.solver}" + ("-shared" if self.share_linearization else "")
+        mode = f"-{self.mixed}" if self.mixed != "autograd" else ""
+        return f"meltr-{self.solver}{mode}" + ("-shared" if self.share_linearization else "")
 
 
 def parse_weights(spec: str) -> dict[str, float]:
@@ -255,23 +267,34 @@ def _is_peer(name: str) -> bool:
     return bool(sep and peer and method)
 
 
-def make_solver(name: str, iters: int = 3, alpha: float = 0.01) -> bl.Solver:
+def make_solver(name: str, iters: int = 3, alpha: float = 0.01, mixed: str = "autograd") -> bl.Solver:
     """The MELTR solver ``name`` with the common options (see the module docstring).
+
+    ``mixed``: the AID solvers' mixed-product mode; a first-order one (``"fd"``, ``"fd-onesided"``) takes the
+    HVPs by finite differences too (``hvp="fd"``: no second-order graph at all). ``"sama"`` (first order;
+    ``scale=alpha``) uses ``"fd"`` unless ``mixed="fd-onesided"``.
 
     Non-convexity of the fine-tuning problem is expected (the backbone is not at an inner minimum):
     negative curvature in CG, Neumann divergence and a growing ITD adjoint are counted in the run's statistics,
     not raised.
     """
+    if mixed not in MIXED:
+        raise ValueError(f"unknown mixed-product mode {mixed!r}; choose one of {MIXED}")
+    modes = {"mixed": mixed, "hvp": "fd"} if mixed.startswith("fd") else {"mixed": mixed}
+    if name == "sama":
+        return bl.get_solver(name, scale=alpha, mixed="fd-onesided" if mixed == "fd-onesided" else "fd")
+    if mixed != "autograd" and name not in AID_SOLVERS:
+        raise ValueError(f"mixed={mixed!r} is for the AID solvers {AID_SOLVERS}, not {name!r}")
     if name == "aid-fp-lite":
-        return bl.get_solver(name, scale=alpha)
+        return bl.get_solver(name, scale=alpha, **modes)
     if name == "aid-cg":
-        return bl.get_solver(name, iters=iters, on_negative_curvature="ignore")
+        return bl.get_solver(name, iters=iters, on_negative_curvature="ignore", **modes)
     if name == "aid-fp":
-        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
+        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore", **modes)
     if name == "itd":
         return bl.get_solver(name, steps=1, lr=alpha, on_divergence="ignore")
     if name == "stocbio":
-        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore")
+        return bl.get_solver(name, iters=iters, alpha=alpha, on_divergence="ignore", **modes)
     if _is_peer(name):
         raise ValueError(
             f"solver {name!r} is a peer library's: build it with benchmarks.peers.parse_peer_solver and pass it as "

@@ -226,6 +226,7 @@ class FinetuneRun:
             return bl.BilevelTrainer(self.model, opt, bl.single_task_objective(weighted), config=tcfg)
         assert self.meltr is not None
         meta_opt = torch.optim.Adam(self.meltr.parameters(), lr=cfg.meta_lr, weight_decay=cfg.meta_weight_decay)
+        solver = self._solver if self._solver is not None else make_solver(cfg.solver, cfg.iters, cfg.alpha, cfg.mixed)
         return bl.BilevelTrainer(
             self.model,
             opt,
@@ -233,7 +234,7 @@ class FinetuneRun:
             outer=obj.outer,
             meta_model=self.meltr,
             meta_optimizer=meta_opt,
-            solver=self._solver if self._solver is not None else make_solver(cfg.solver, cfg.iters, cfg.alpha),
+            solver=solver,
             config=tcfg,
             hvp_batches=self.hvp_loader,
         )

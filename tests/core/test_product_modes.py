@@ -130,3 +130,18 @@ def test_jvp_through_stacked_layer_norms_is_exact():
     got = Linearization(problem, params, hp, None, mixed="jvp").mixed(v)["lam"]
     assert _rel(got, want) < 1e-10
     assert torch.nn.functional.layer_norm.__module__ == "torch.nn.functional"  # restored after the product
+
+
+@pytest.mark.parametrize("mixed", ["jvp", "fd", "fd-onesided"])
+def test_a_solve_without_hvps_linearises_without_a_graph(mixed):
+    """AID-FP-Lite / SAMA take no HVP: with a mixed mode that needs no first-order graph, none is kept."""
+    ex = bl.testing.example()
+    problem, params, hparams, inner, outer = ex.args
+    lite = bl.AIDFPLite(mixed=mixed)  # hvp left at "autograd"
+    lin = lite.linearize(problem, params, hparams, inner)
+    assert lin.mode == "fd" and not hasattr(lin, "_graph")
+    exact = bl.AIDFPLite().hypergrad(*ex.args)
+    tol = 1e-10 if mixed == "jvp" else 1e-3
+    torch.testing.assert_close(lite.hypergrad_at(lin, outer)["lam"], exact["lam"], rtol=tol, atol=tol)
+    assert bl.AIDFPLite().linearize(problem, params, hparams, inner).mode == "autograd"
+    assert bl.AIDCG(mixed=mixed).linearize(problem, params, hparams, inner).mode == "autograd"  # CG takes HVPs

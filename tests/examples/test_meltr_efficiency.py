@@ -18,7 +18,8 @@ def test_tiny_table_has_all_rows(tmp_path):
     res = efficiency.main(["--tiny", "--no-progress", "--results", str(md), "--peers", "none"])
     rows = res["rows"]
     shared = ["stocbio+shared", "aid-cg+shared", "aid-fp+shared", "aid-fp-lite+shared"]
-    assert [r["key"] for r in rows] == ["mtl", "itd", *shared, "aid-fp-lite"]
+    first_order = ["aid-fp-lite/fd+shared", "sama+shared"]
+    assert [r["key"] for r in rows] == ["mtl", "itd", *shared, "aid-fp-lite", *first_order]
     assert rows[0]["overhead_pct"] == 0.0
     for r in rows:
         assert r["seconds_per_epoch"] > 0 and math.isfinite(r["overhead_pct"])
@@ -30,7 +31,10 @@ def test_tiny_table_has_all_rows(tmp_path):
     for r in rows[1:]:  # paired with MTL's run of the same seed
         d = r["dR@1_vs_mtl"]
         assert d["n"] == 1 and d["diffs"] == [r["R@1"][0] - rows[0]["R@1"][0]] and d["wins"] == int(d["mean"] > 0)
-    assert rows[-1]["paper"] == rows[-2]["paper"] == efficiency.PAPER["aid-fp-lite"]
+    by_key = {r["key"]: r for r in rows}
+    for key in ("aid-fp-lite", "aid-fp-lite+shared", "aid-fp-lite/fd+shared"):  # the paper's AID-FP-Lite figure
+        assert by_key[key]["paper"] == efficiency.PAPER["aid-fp-lite"]
+    assert by_key["sama+shared"]["paper"] is None  # not in the paper
     assert res["meta"]["sizes"] == efficiency.TINY_SIZES and res["meta"]["lr"] == efficiency.LR
     assert "testbed target domain (train 16 / meta 8 / val 8 / test 8 clips)" in res["meta"]["setting"]
     # HVP counts: AID-FP-Lite and ITD need none, AID-FP / StocBiO use all 3
@@ -81,8 +85,11 @@ def test_paired_difference_and_defaults():
 
 def test_no_share_runs_every_row_once_unshared():
     rows = efficiency.no_share(efficiency.ROWS)
-    assert [r[2] for r in rows] == ["aid-fp-lite", "itd", "stocbio", "aid-cg", "aid-fp", "aid-fp-lite"]
+    solvers = ["aid-fp-lite", "itd", "stocbio", "aid-cg", "aid-fp", "aid-fp-lite", "aid-fp-lite", "sama"]
+    assert [r[2] for r in rows] == solvers
+    assert [r[4] for r in rows][-2:] == ["fd", "autograd"]  # AID-FP-Lite with fd products stays a row of its own
     assert not any(r[3] for r in rows) and [r[0] for r in rows[3:5]] == ["MELTR + AID-CG", "MELTR + AID-FP (Neumann)"]
+    assert [r[0] for r in rows[-2:]] == ["MELTR + AID-FP-Lite (fd)", "MELTR + SAMA"]
 
 
 def test_write_section_keeps_notes(tmp_path):

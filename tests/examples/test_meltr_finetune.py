@@ -277,3 +277,21 @@ def test_cli_refuses_a_missing_pretrained_file_and_bad_threads(tmp_path, capsys)
             ft.main(argv)
         assert exc.value.code == 2 and word in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_make_solver_product_modes():
+    lite = ft.make_solver("aid-fp-lite", mixed="fd")
+    assert (lite.mixed, lite.hvp) == ("fd", "fd")  # first order: no second-order graph anywhere
+    jvp = ft.make_solver("aid-cg", mixed="jvp")
+    assert (jvp.mixed, jvp.hvp) == ("jvp", "autograd")
+    sama = ft.make_solver("sama", alpha=0.5)
+    assert (sama.name, sama.mixed, sama.hvp, sama.scale) == ("sama", "fd", "fd", 0.5)
+    assert ft.make_solver("sama", mixed="fd-onesided").mixed == "fd-onesided"
+    with pytest.raises(ValueError, match="AID solvers"):
+        ft.make_solver("itd", mixed="fd")
+    with pytest.raises(ValueError, match="unknown mixed"):
+        ft.make_solver("aid-cg", mixed="central")
+    with pytest.raises(ValueError, match="AID solvers"):
+        ft.FinetuneConfig(solver="itd", mixed="fd")
+    cfg = ft.FinetuneConfig(solver="aid-fp-lite", mixed="fd", share_linearization=True)
+    assert cfg.name == "meltr-aid-fp-lite-fd-shared" and ft.FinetuneConfig().name == "meltr-aid-fp-lite"
