@@ -197,7 +197,7 @@ class Linearization:
 
     def _build(self, g: Objective, params: Tree, hparams: Tree, batch: Any, mode: HVPMode) -> None:
         if self._sharded:  # FSDP: first order at the live shards (the HVP, if any, must be "fd")
-            self.value, self.grad_theta, grad_phi = self._gradients_at(params)
+            self.value, self.grad_theta, grad_phi = _sharded_first_order(g, params, params, hparams, batch)
             self._grad_phi0 = grad_phi if self.mixed_mode == "fd-onesided" else None
             return
         if mode == "autograd" or (mode == "fd" and self.mixed_mode == "autograd"):
@@ -215,6 +215,7 @@ class Linearization:
             self._graph = {k: v for k, v in g_theta.items() if v.requires_grad}
             return
         if mode == "fd":  # first order: grad_theta g (and grad_phi g for fd-onesided), no graph kept
+            # both (grad_phi costs a backward through the part phi reaches only): checks that g has a graph
             value, self.grad_theta, grad_phi = first_order_gradients(g, params, hparams, batch)
             self.value = value
             self._grad_phi0 = grad_phi if self.mixed_mode == "fd-onesided" else None
@@ -228,13 +229,15 @@ class Linearization:
             self.grad_theta, self.value = grad_g(params, hparams, batch)
         check_finite(self.value, "inner", "grad/Hessian of g")
         if self.mixed_mode == "fd-onesided":
-            self._grad_phi0 = first_order_gradients(g, params, hparams, batch)[2]
+            self._grad_phi0 = first_order_gradients(g, params, hparams, batch, wrt="hparams")[2]
 
-    def _gradients_at(self, point: Tree) -> tuple[Tensor, Tree, Tree]:
-        """``(g, grad_theta g, grad_phi g)`` at ``theta = point`` (first order, no graph kept)."""
+    def _gradients_at(self, point: Tree, wrt: Literal["params", "hparams"]) -> Tree:
+        """``grad_theta g`` or ``grad_phi g`` (``wrt``) at ``theta = point`` (first order, no graph kept)."""
         if self._sharded:
-            return _sharded_first_order(self._g, self._params, point, self._hparams, self._batch)
-        return first_order_gradients(self._g, point, self._hparams, self._batch)
+            out = _sharded_first_order(self._g, self._params, point, self._hparams, self._batch)
+        else:
+            out = first_order_gradients(self._g, point, self._hparams, self._batch, wrt=wrt)
+        return out[1] if wrt == "params" else out[2]
 
     @property
     def problem(self) -> BilevelProblem:
@@ -267,7 +270,7 @@ class Linearization:
         """``H p`` with ``H`` the Hessian of ``g`` in ``params`` (shape of ``params``)."""
         self.n_hvp += 1
         if self.mode == "fd":
-            return self._reduce(self._difference(p, lambda t: self._gradients_at(t)[1]))
+            return self._reduce(self._difference(p, lambda t: self._gradients_at(t, "params")))
         if self._sharded:
             raise ValueError(f"hvp={self.mode!r} cannot run on FSDP shards (it needs double backward): use hvp='fd'")
         if self.mode == "autograd":
@@ -285,10 +288,10 @@ class Linearization:
             with _composite_layer_norm():
                 return self._reduce(grad(lambda hp: jvp(lambda t: g(t, hp, b), (self._params,), (v,))[1])(h))
         if self.mixed_mode == "fd":
-            return self._reduce(self._difference(v, lambda t: self._gradients_at(t)[2]))
+            return self._reduce(self._difference(v, lambda t: self._gradients_at(t, "hparams")))
         if self.mixed_mode == "fd-onesided":
             assert self._grad_phi0 is not None
-            return self._reduce(self._difference(v, lambda t: self._gradients_at(t)[2], self._grad_phi0))
+            return self._reduce(self._difference(v, lambda t: self._gradients_at(t, "hparams"), self._grad_phi0))
         if self.mode == "autograd" or self.mode == "fd":
             return self._reduce(self._backward(v, self._ph))
         if self.mode == "rev-rev":
@@ -356,18 +359,35 @@ def first_order_gradients(
     batch: Any,
     level: str = "inner",
     stage: str = "first-order gradient of g (finite differences)",
+    wrt: Literal["both", "params", "hparams"] = "both",
 ) -> tuple[Tensor, Tree, Tree]:
     """``(fn, grad_theta fn, grad_phi fn)`` by one forward and one first-order backward pass (no graph kept);
-    for FSDP2 parameters by their own gradient path (:func:`_sharded_first_order`)."""
+    for FSDP2 parameters by their own gradient path (:func:`_sharded_first_order`, always both).
+
+    ``wrt="params"`` / ``"hparams"`` takes one of the two (the other is returned as ``{}``) and holds the
+    other tree constant during the forward pass, so the operations only it reaches record no graph: with
+    ``"hparams"`` and MELTR's ``g`` (``phi`` enters at the loss network only), the backbone's forward is an
+    inference forward and the backward pass touches the loss network alone (the ``"fd"`` mixed product).
+    """
     if is_sharded(params):
         return _sharded_first_order(fn, params, params, hparams, batch, level, stage)
     with torch.enable_grad():
-        th, ph = leaves(params), leaves(hparams)
+        th = leaves(params) if wrt != "hparams" else {k: v.detach() for k, v in params.items()}
+        ph = leaves(hparams) if wrt != "params" else {k: v.detach() for k, v in hparams.items()}
         value = fn(th, ph, batch)
         check_finite(value.detach(), level, stage)
-        check_differentiable(value, level, stage)
-        out = torch.autograd.grad(value, [*th.values(), *ph.values()], allow_unused=True, materialize_grads=True)
-    return value.detach(), dict(zip(th, out[: len(th)], strict=True)), dict(zip(ph, out[len(th) :], strict=True))
+        if wrt == "both":
+            check_differentiable(value, level, stage)
+        inputs = {**({} if wrt == "hparams" else {("p", k): v for k, v in th.items()}),
+                  **({} if wrt == "params" else {("h", k): v for k, v in ph.items()})}  # fmt: skip
+        if value.requires_grad:
+            out = torch.autograd.grad(value, list(inputs.values()), allow_unused=True, materialize_grads=True)
+        else:  # fn does not depend on the tree asked for (e.g. g without hparams): exact zeros
+            out = tuple(torch.zeros_like(v) for v in inputs.values())
+    grads = dict(zip(inputs, out, strict=True))
+    g_theta = {k: grads[("p", k)] for k in th} if wrt != "hparams" else {}
+    g_phi = {k: grads[("h", k)] for k in ph} if wrt != "params" else {}
+    return value.detach(), g_theta, g_phi
 
 
 def check_sharded_modes(mixed: str, reduce: Reduce | None) -> None:

@@ -25,8 +25,8 @@ class AIDFPLite(AIDSolver):
         hvp: HVP mode of the linearisation (only the mixed product is used here).
         mixed: how ``J v`` is taken: ``"autograd"`` (default), ``"jvp"``, ``"fd"`` or ``"fd-onesided"``
             (see :mod:`bilevel.products`).
-        fd_radius: the finite differences' radius ``r`` (step ``r / ||v||``). With ``hvp="fd"`` and a
-            first-order ``mixed``, no second-order graph is built.
+        fd_radius: the finite differences' radius ``r`` (step ``r / ||v||``). With any ``mixed`` but
+            ``"autograd"``, no second-order graph is built (no HVP is taken, so ``hvp`` does not matter).
 
     Examples:
         >>> import torch

@@ -145,3 +145,27 @@ def test_a_solve_without_hvps_linearises_without_a_graph(mixed):
     torch.testing.assert_close(lite.hypergrad_at(lin, outer)["lam"], exact["lam"], rtol=tol, atol=tol)
     assert bl.AIDFPLite().linearize(problem, params, hparams, inner).mode == "autograd"
     assert bl.AIDCG(mixed=mixed).linearize(problem, params, hparams, inner).mode == "autograd"  # CG takes HVPs
+
+
+@pytest.mark.parametrize("mixed", ["fd", "fd-onesided"])
+def test_fd_mixed_product_records_no_graph_where_phi_does_not_reach(mixed):
+    """phi enters at the loss only (MELTR's case): the fd mixed product runs the model as an inference forward."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    seen: list[bool] = []
+    model.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    params, fn = bl.functional_module(model)
+    g = lambda p, h, x: (torch.nn.functional.softplus(h["w"]) * fn(p, x) ** 2).mean()  # noqa: E731
+    problem = bl.BilevelProblem(g, g)
+    hparams, x = {"w": torch.randn(3, dtype=torch.float64)}, torch.randn(8, 4, dtype=torch.float64)
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    lin = Linearization(problem, params, hparams, x, mode="fd", mixed=mixed, fd_radius=1e-4)
+    seen.clear()
+    jv = lin.mixed(v)
+    assert seen and not any(seen)  # every model forward of the product kept no graph
+    exact = Linearization(problem, params, hparams, x).mixed(v)
+    atol = 1e-6 if mixed == "fd" else 1e-4  # central O(e^2), one-sided O(e), e = 1e-4 / ||v||
+    torch.testing.assert_close(jv["w"], exact["w"], rtol=1e-3, atol=atol)
+    seen.clear()
+    lin.hvp(v)  # the HVP needs grad_theta: the model's forward does record a graph there
+    assert seen and all(seen)
