@@ -223,6 +223,9 @@ MELTR_MEMORY_ROWS: list[tuple[str, str, dict, bool]] = [
         (f"aid-fp-lite shared, mixed={m}", "aid-fp-lite", {"scale": 0.01, "mixed": m}, True)
         for m in ("autograd", "jvp", "fd", "fd-onesided")
     ],
+    ("sama, mixed=fd (first order)", "sama", {"scale": 0.01}, False),
+    ("sama shared, mixed=fd (first order)", "sama", {"scale": 0.01}, True),
+    ("sama shared, mixed=fd-onesided (first order)", "sama", {"scale": 0.01, "mixed": "fd-onesided"}, True),
     ("aid-cg(3), hvp=autograd, mixed=autograd", "aid-cg", _CG, False),
     ("aid-cg(3), hvp=autograd, mixed=jvp", "aid-cg", {**_CG, "mixed": "jvp"}, False),
     ("aid-cg(3), hvp=fd, mixed=fd (first order)", "aid-cg", {**_CG, "hvp": "fd", "mixed": "fd"}, False),
