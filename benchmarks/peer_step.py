@@ -42,6 +42,7 @@ import torch
 
 import bilevel as bl
 from benchmarks.peers import available, peer_hypergrad
+from bilevel.products import first_order_gradients
 from examples.results_md import write_section as write_results_section
 
 Tree = dict[str, torch.Tensor]
@@ -125,6 +126,21 @@ class Row:
     iters: str = ""  # the iterations column of a context row (a pair: --iters)
 
 
+def _shared_step(solver: bl.AIDSolver, state: State) -> Tree:
+    """A MELTR training step's work with ``share_linearization``: one linearisation of ``g`` gives the inner
+    gradient (``lin.grad_theta``) and serves the hypergradient (what ``bl.BilevelTrainer`` does)."""
+    lin = solver.linearize(state.problem, state.params, state.hparams, state.inner)
+    return solver.hypergrad_at(lin, state.outer)
+
+
+def _peer_step(state: State, peer: str, method: str, iters: int, opt: float) -> Tree:
+    """The same step with a peer: the inner gradient (one first-order pass of ``g``), then the peer's
+    hypergradient (which linearises ``g`` itself). ``opt``: Neumann's alpha or CG's tolerance."""
+    first_order_gradients(state.problem.inner, state.params, state.hparams, state.inner)
+    kw = {"alpha": opt} if method == "neumann" else {"tol": opt}
+    return peer_hypergrad(peer, method, *state.args, iters=iters, **kw)
+
+
 def rows(state: State, iters: int, alpha: float, mu: float, peers: dict[str, str | None]) -> tuple[list[Row], list]:
     """The pairs (and context rows) to time, and notes on the pairs skipped."""
     out, notes = [], []
@@ -133,6 +149,10 @@ def rows(state: State, iters: int, alpha: float, mu: float, peers: dict[str, str
         out.append(Row(
             "Neumann: ours (plain series) vs betty", lambda: neumann.hypergrad(*state.args),
             lambda: peer_hypergrad("betty", "neumann", *state.args, iters=iters, alpha=alpha),
+        ))  # fmt: skip
+        out.append(Row(
+            "Neumann, training step (inner gradient + hyper step): ours shared vs betty",
+            lambda: _shared_step(neumann, state), lambda: _peer_step(state, "betty", "neumann", iters, alpha),
         ))  # fmt: skip
         fp = bl.AIDFP(iters=iters, alpha=alpha, on_divergence="ignore")
         lite = bl.AIDFPLite(scale=alpha)
@@ -149,6 +169,10 @@ def rows(state: State, iters: int, alpha: float, mu: float, peers: dict[str, str
         out.append(Row(
             f"CG (mu={mu:g}): ours vs torchopt", lambda: cg.hypergrad(*prox.args),
             lambda: peer_hypergrad("torchopt", "cg", *prox.args, iters=iters, tol=CG_TOL),
+        ))  # fmt: skip
+        out.append(Row(
+            f"CG (mu={mu:g}), training step (inner gradient + hyper step): ours shared vs torchopt",
+            lambda: _shared_step(cg, prox), lambda: _peer_step(prox, "torchopt", "cg", iters, CG_TOL),
         ))  # fmt: skip
     else:
         notes.append("torchopt does not import: CG pair skipped")
@@ -176,7 +200,7 @@ def measure(table: list[Row], reps: int) -> list[dict[str, Any]]:
     for r in table:
         pair = r.label if r.peer is not None else r.against
         rel = rel_diff(values[f"{r.label}|ours"], values[f"{pair}|peer"])
-        equal = rel < THRESHOLD if r.peer is not None else None
+        equal = rel < THRESHOLD if r.peer is not None else None  # a pair: the same hypergradient, or no speedup
         results.append({"label": r.label, "ours_ms": med[f"{r.label}|ours"], "peer_ms": med[f"{pair}|peer"],
                         "rel": rel, "equal": equal, "note": r.note, "iters": r.iters})  # fmt: skip
     return results

@@ -25,7 +25,11 @@ def test_tiny_pairs_are_equal_and_timed(tmp_path):
     results = peer_step.main(["--tiny", "--markdown", str(md)])
     pairs = [r for r in results if r["equal"] is not None]
     cg = f"CG (mu={peer_step.DEFAULT_MU:g}): ours vs torchopt"
-    assert [r["label"] for r in pairs] == ["Neumann: ours (plain series) vs betty", cg]
+    step = "training step (inner gradient + hyper step): ours shared vs"
+    assert [r["label"] for r in pairs] == [
+        "Neumann: ours (plain series) vs betty", f"Neumann, {step} betty", cg,
+        f"CG (mu={peer_step.DEFAULT_MU:g}), {step} torchopt",
+    ]  # fmt: skip
     for r in pairs:
         assert r["equal"] is True and r["rel"] < peer_step.THRESHOLD, r
     for r in results:
