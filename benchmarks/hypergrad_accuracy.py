@@ -654,6 +654,8 @@ def render_markdown(res: Results, images: dict[str, str]) -> str:
             "",
             _memory_table(res.memory),
         ]
+    if any(r.peer for r in res.rows):
+        out += ["", render_frontier(frontier_report(res.rows))]
     for title, path in images.items():
         out += ["", f"![{title}]({path})"]
     return "\n".join(out) + "\n"
@@ -667,6 +669,101 @@ def _hvp_ratios(rows: list[HVPRow]) -> dict[str, dict[str, float]]:
         mode: {p: by[(p, mode)] / by[(p, "autograd")] for p in probs if (p, mode) in by and (p, "autograd") in by}
         for mode in ("rev-rev", "fwd-rev")
     }
+
+
+# ---------------------------------------------------------------------- error-vs-time frontier (issue 15)
+#
+# Per problem, our lower envelope over every one of our (ms, error) points (all our methods, every budget,
+# AID-FP-Lite included) is checked against each peer point (identity methods included): a peer point is
+# matched when one of our points is at most FRONTIER_TIME_SLACK slower and at most FRONTIER_ERR_REL_SLACK
+# (relative) + FRONTIER_ERR_ABS_FLOOR (absolute, for round-off-level errors) less accurate.
+
+FRONTIER_TIME_SLACK, FRONTIER_ERR_REL_SLACK, FRONTIER_ERR_ABS_FLOOR = 0.05, 0.01, 1e-14
+
+
+def _label(r: AccuracyRow) -> str:
+    return r.method if r.budget is None else f"{r.method}@{r.budget}"
+
+
+@dataclass
+class PeerGap:
+    """A peer point not matched: the peer's (ms, error), our smallest error within ``ms * (1 + time slack)``
+    (None: no point of ours that fast) and our smallest ms reaching ``error`` within the error slack (None: never)."""
+
+    row: AccuracyRow
+    best_err: AccuracyRow | None
+    fastest: AccuracyRow | None
+
+
+@dataclass
+class FrontierCheck:
+    """One problem: how many peer points (finite ms and error) our envelope matches, the others, and the
+    peer points left out for lack of a finite error or time."""
+
+    problem: str
+    n_peer: int
+    gaps: list[PeerGap]
+    n_peer_nan: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.gaps
+
+
+def frontier_report(
+    rows: list[AccuracyRow], time_slack: float = FRONTIER_TIME_SLACK, rel_slack: float = FRONTIER_ERR_REL_SLACK,
+    abs_floor: float = FRONTIER_ERR_ABS_FLOOR,
+) -> list[FrontierCheck]:  # fmt: skip
+    """Per problem (in order of first appearance), every peer point against our lower envelope: matched when some
+    point of ours has ``ms <= ms_p (1 + time_slack)`` and ``error <= err_p (1 + rel_slack) + abs_floor``. Points
+    with a NaN error or ms are left out (ours: not on the envelope; peers': counted in ``n_peer_nan``)."""
+    checks = []
+    for prob in dict.fromkeys(r.problem for r in rows):
+        pts = [r for r in rows if r.problem == prob]
+        finite = [r for r in pts if math.isfinite(r.ms) and math.isfinite(r.rel_error)]
+        ours, peers = [r for r in finite if not r.peer], [r for r in finite if r.peer]
+        gaps = []
+        for p in peers:
+            t, err = p.ms * (1 + time_slack), p.rel_error * (1 + rel_slack) + abs_floor
+            fast, good = [r for r in ours if r.ms <= t], [r for r in ours if r.rel_error <= err]
+            if not any(r.rel_error <= err for r in fast):
+                best = min(fast, key=lambda r: r.rel_error, default=None)
+                gaps.append(PeerGap(p, best, min(good, key=lambda r: r.ms, default=None)))
+        checks.append(FrontierCheck(prob, len(peers), gaps, sum(r.peer for r in pts) - len(peers)))
+    return checks
+
+
+def render_frontier(checks: list[FrontierCheck]) -> str:
+    """Markdown: the per-problem summary table and the peer points our envelope does not match."""
+    summary = [
+        [c.problem, str(c.n_peer), str(c.n_peer - len(c.gaps)), str(c.n_peer_nan), "yes" if c.ok else "no"]
+        for c in checks
+    ]
+    out = [
+        "### Error-vs-time frontier: ours against every peer point",
+        "",
+        "Our envelope: all our points of a problem (every method and budget, AID-FP-Lite included). A peer point "
+        f"(ms_p, err_p) is matched when one of ours has ms <= ms_p x {1 + FRONTIER_TIME_SLACK:g} (timings are "
+        f"medians on a shared machine) and error <= err_p x {1 + FRONTIER_ERR_REL_SLACK:g} + "
+        f"{FRONTIER_ERR_ABS_FLOOR:g} (round-off-level errors). Points without a finite error or time are left out.",
+        "",
+        _table(
+            ["problem", "peer points", "matched", "left out (NaN)", "our frontier at or below every peer point"],
+            summary,
+        ),
+    ]
+    gaps = [(c.problem, g) for c in checks for g in c.gaps]
+    if gaps:
+        cells = [
+            [prob, _label(g.row), f"{g.row.ms:.3g}", _fmt(g.row.rel_error),
+             f"{_fmt(g.best_err.rel_error)} ({_label(g.best_err)})" if g.best_err else "none that fast",
+             f"{g.fastest.ms:.3g} ({_label(g.fastest)})" if g.fastest else "never"]
+            for prob, g in gaps
+        ]  # fmt: skip
+        head = ["problem", "peer point", "peer ms", "peer error", "our best error within peer ms (+slack)",
+                "our fastest ms to peer error (+slack)"]  # fmt: skip
+        out += ["", "Peer points not matched:", "", _table(head, cells)]
+    return "\n".join(out)
 
 
 def _memory_table(points: list[MemoryPoint]) -> str:
