@@ -428,8 +428,10 @@ def markdown(rec: Mapping[str, Any], cmd: str) -> str:
             f"| {sec:.1f} |"
         )
     z = rec["zero_shot"]["test"]
-    if task == "retrieval":
-        lines.append("| pretrained, not fine-tuned | - | " + " | ".join(f"{z[m]:.1f}" for m in metrics) + " | | | | |")
+    if task in ("retrieval", "captioning"):
+        digits = 1 if task == "retrieval" else 2  # zero-shot CIDEr is a few hundredths
+        cells = " | ".join(f"{z[m]:.{digits}f}" for m in metrics)
+        lines.append(f"| pretrained, not fine-tuned | - | {cells} | | | | |")
     elif task.startswith("qa-"):
         lines.append(f"| majority answer per template | - | {z['template_majority']:.1f} | | | | |")
     b = rec["base"]
