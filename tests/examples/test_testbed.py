@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,3 +459,14 @@ def test_archived_run_is_read_back_from_another_checkout(tmp_path, monkeypatch):
     (tmp_path / "archive" / "run-s0" / "results.json").write_text(json.dumps(rec))
     with pytest.raises(AssertionError, match="trained instead"):
         R._run(cfg, None, None, tmp_path / "archive")
+
+
+def test_captioning_table_has_the_zero_shot_row():
+    """The committed captioning record renders with the pretrained backbone's CIDEr (two decimals: it is small)."""
+    from examples.meltr_video import results as R
+
+    rec = json.loads((Path(__file__).resolve().parents[2] / "docs/data/paired_univl_captioning.json").read_text())
+    text = R.markdown(rec, "cmd")
+    z = rec["zero_shot"]["test"]["CIDEr"]
+    assert f"| pretrained, not fine-tuned | - | {z:.2f} | | | | |" in text
+    assert "ΔCIDEr vs MTL" in text
