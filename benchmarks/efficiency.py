@@ -81,6 +81,7 @@ ROWS: list[Row] = [
     ("MELTR + AID-FP-Lite (shared)", "meltr", "aid-fp-lite", True, "autograd"),
     ("MELTR + AID-FP-Lite (not shared: hyper step after the update)", "meltr", "aid-fp-lite", False, "autograd"),
     ("MELTR + AID-FP-Lite (fd, shared)", "meltr", "aid-fp-lite", True, "fd"),
+    ("MELTR + AID-FP-Lite (fd-onesided, shared)", "meltr", "aid-fp-lite", True, "fd-onesided"),
     ("MELTR + SAMA (shared)", "meltr", "sama", True, "autograd"),
 ]
 # Peers in the same loop (benchmarks.peers.PeerSolver): rows without a paper figure. betty's CG is left

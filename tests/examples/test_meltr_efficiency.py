@@ -18,7 +18,7 @@ def test_tiny_table_has_all_rows(tmp_path):
     res = efficiency.main(["--tiny", "--no-progress", "--results", str(md), "--peers", "none"])
     rows = res["rows"]
     shared = ["stocbio+shared", "aid-cg+shared", "aid-fp+shared", "aid-fp-lite+shared"]
-    first_order = ["aid-fp-lite/fd+shared", "sama+shared"]
+    first_order = ["aid-fp-lite/fd+shared", "aid-fp-lite/fd-onesided+shared", "sama+shared"]
     assert [r["key"] for r in rows] == ["mtl", "itd", *shared, "aid-fp-lite", *first_order]
     assert rows[0]["overhead_pct"] == 0.0
     for r in rows:
@@ -32,7 +32,8 @@ def test_tiny_table_has_all_rows(tmp_path):
         d = r["dR@1_vs_mtl"]
         assert d["n"] == 1 and d["diffs"] == [r["R@1"][0] - rows[0]["R@1"][0]] and d["wins"] == int(d["mean"] > 0)
     by_key = {r["key"]: r for r in rows}
-    for key in ("aid-fp-lite", "aid-fp-lite+shared", "aid-fp-lite/fd+shared"):  # the paper's AID-FP-Lite figure
+    lite = ("aid-fp-lite", "aid-fp-lite+shared", "aid-fp-lite/fd+shared", "aid-fp-lite/fd-onesided+shared")
+    for key in lite:  # the paper's AID-FP-Lite figure
         assert by_key[key]["paper"] == efficiency.PAPER["aid-fp-lite"]
     assert by_key["sama+shared"]["paper"] is None  # not in the paper
     assert res["meta"]["sizes"] == efficiency.TINY_SIZES and res["meta"]["lr"] == efficiency.LR
@@ -85,11 +86,12 @@ def test_paired_difference_and_defaults():
 
 def test_no_share_runs_every_row_once_unshared():
     rows = efficiency.no_share(efficiency.ROWS)
-    solvers = ["aid-fp-lite", "itd", "stocbio", "aid-cg", "aid-fp", "aid-fp-lite", "aid-fp-lite", "sama"]
+    solvers = ["aid-fp-lite", "itd", "stocbio", "aid-cg", "aid-fp", *["aid-fp-lite"] * 3, "sama"]
     assert [r[2] for r in rows] == solvers
-    assert [r[4] for r in rows][-2:] == ["fd", "autograd"]  # AID-FP-Lite with fd products stays a row of its own
+    assert [r[4] for r in rows][-3:] == ["fd", "fd-onesided", "autograd"]  # the fd modes stay rows of their own
     assert not any(r[3] for r in rows) and [r[0] for r in rows[3:5]] == ["MELTR + AID-CG", "MELTR + AID-FP (Neumann)"]
-    assert [r[0] for r in rows[-2:]] == ["MELTR + AID-FP-Lite (fd)", "MELTR + SAMA"]
+    labels = ["MELTR + AID-FP-Lite (fd)", "MELTR + AID-FP-Lite (fd-onesided)", "MELTR + SAMA"]
+    assert [r[0] for r in rows[-3:]] == labels
 
 
 def test_write_section_keeps_notes(tmp_path):
