@@ -196,11 +196,7 @@ class Linearization:
             self._build(g, params, hparams, batch, mode)
 
     def _build(self, g: Objective, params: Tree, hparams: Tree, batch: Any, mode: HVPMode) -> None:
-        if self._sharded:  # FSDP: first order at the live shards (the HVP, if any, must be "fd")
-            self.value, self.grad_theta, grad_phi = _sharded_first_order(g, params, params, hparams, batch)
-            self._grad_phi0 = grad_phi if self.mixed_mode == "fd-onesided" else None
-            return
-        if mode == "autograd" or (mode == "fd" and self.mixed_mode == "autograd"):
+        if not self._sharded and (mode == "autograd" or (mode == "fd" and self.mixed_mode == "autograd")):
             with torch.enable_grad():
                 self._th, self._ph = leaves(params), leaves(hparams)
                 value = g(self._th, self._ph, batch)
@@ -214,7 +210,7 @@ class Linearization:
             # only the entries of grad_theta g that depend on (theta, phi) carry a graph
             self._graph = {k: v for k, v in g_theta.items() if v.requires_grad}
             return
-        if mode == "fd":  # first order: grad_theta g (and grad_phi g for fd-onesided), no graph kept
+        if mode == "fd" or self._sharded:  # first order (FSDP shards always): no graph kept
             # both (grad_phi costs a backward through the part phi reaches only): checks that g has a graph
             value, self.grad_theta, grad_phi = first_order_gradients(g, params, hparams, batch)
             self.value = value
@@ -307,10 +303,10 @@ class Linearization:
             ref = at_theta if at_theta is not None else grad_at(self._params)
             return {k: torch.zeros_like(x) for k, x in ref.items()}
         e = self.fd_radius / norm
-        fresh = not self.modified()
+        fresh = self._sharded and not self.modified()
         plus = grad_at(tree_add(self._params, d, e))
         minus = grad_at(tree_add(self._params, d, -e)) if at_theta is None else None
-        if self._sharded and fresh:  # the shards were written and restored (same values): still current
+        if fresh:  # the shards were written and restored (same values): still current
             self._versions = [{k: v._version for k, v in tree.items()} for tree in (self._params, self._hparams)]
         if minus is None:
             return {k: (plus[k] - at_theta[k]) / e for k in plus}  # type: ignore[index]
