@@ -9,11 +9,11 @@ relative errors: {"hypergrad": {case: err}, "naive_average": err, "training": {s
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
+from _ranks import data, flat, rel, shard, write
 from torch import nn
 
 import bilevel as bl
@@ -22,19 +22,10 @@ from bilevel.testing import ridge_diabetes
 from bilevel.training import BilevelTrainer, TrainerConfig
 
 
-def rel(a: dict, b: dict) -> float:
-    num = max(float((a[k] - b[k]).abs().max()) for k in a)
-    den = max(float(b[k].abs().max()) for k in b)
-    return num / max(den, 1e-300)
-
-
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-
-    def shard(batch):
-        return tuple(t.chunk(world)[rank] for t in batch)
 
     out: dict = {"world": world, "hypergrad": {}, "training": {}}
     # ---- hypergradients on ridge (quadratic) and on a small MELTR-like MLP (non-quadratic)
@@ -60,11 +51,6 @@ def main() -> None:
 
     def f(p, h, b):
         return losses(p, b)[:, 0].mean()
-
-    def data(n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
-        return x, x.sum(1).sin()
 
     mlp_case = (
         bl.BilevelProblem(g, f),
@@ -126,10 +112,6 @@ def main() -> None:
         f2 = lambda p, h, b: losses2(p, b)[:, 0].mean()  # noqa: E731
         return BilevelTrainer(model, opt, g2, outer=f2, meta_model=m, meta_optimizer=mopt, solver=solver, config=cfg)
 
-    def flat(t):
-        return {"theta": torch.cat([q.detach().reshape(-1) for q in t.model.parameters()]),
-                "phi": torch.cat([q.detach().reshape(-1) for q in t.meta_model.parameters()])}  # fmt: skip
-
     batches = [(data(16, 100 + i), data(16, 200 + i)) for i in range(6)]
     train_solvers = {"aid-cg": dict(iters=10, on_negative_curvature="ignore"), "aid-fp-lite": {}, "itd": dict(steps=3)}
     train_solvers |= {"aid-cg+share": train_solvers["aid-cg"], "aid-fp-lite+share": {}}  # share_linearization
@@ -155,9 +137,7 @@ def main() -> None:
     for bi, bo in batches[3:]:
         b.step(shard(bi), shard(bo))
     out["resume"] = rel(flat(b), flat(a))
-    if rank == 0:
-        with open(sys.argv[1], "w") as fh:
-            json.dump(out, fh, indent=1)
+    write(out, sys.argv[1])
     dist.destroy_process_group()
 
 

@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import sys
 
 import torch
 import torch.distributed as dist
+from _ranks import data, flat, rel, shard, write
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import bilevel as bl
 from bilevel.distributed import all_reduce_mean
 from bilevel.training import BilevelTrainer, TrainerConfig
-
-
-def rel(a: dict, b: dict) -> float:
-    num = max(float((a[k] - b[k]).abs().max()) for k in a)
-    den = max(float(b[k].abs().max()) for k in b)
-    return num / max(den, 1e-300)
-
-
-def full(tree: dict) -> dict:
-    """Sharded DTensors gathered to whole tensors (plain tensors as they are)."""
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in tree.items()}
 
 
 def shard_model(model: nn.Module) -> nn.Module:
@@ -47,16 +36,8 @@ def shard_model(model: nn.Module) -> nn.Module:
 
 def main() -> None:
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     torch.manual_seed(0)
-
-    def shard(batch):
-        return tuple(t.chunk(world)[rank] for t in batch)
-
-    def data(n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
-        return x, x.sum(1).sin()
 
     def objectives(model, meta):
         _, fn = bl.functional_module(model)
@@ -139,11 +120,6 @@ def main() -> None:
             model, opt, prob.inner, outer=prob.outer, meta_model=m, meta_optimizer=mopt, solver=solver, config=cfg
         )
 
-    def flat(t):
-        theta = [q.detach().full_tensor() if hasattr(q, "full_tensor") else q.detach() for q in t.model.parameters()]
-        return {"theta": torch.cat([q.reshape(-1) for q in theta]),
-                "phi": torch.cat([q.detach().reshape(-1) for q in t.meta_model.parameters()])}  # fmt: skip
-
     batches = [(data(16, 100 + i), data(16, 200 + i)) for i in range(6)]
     for key, make in {
         "sama": lambda: bl.SAMA(),
@@ -160,9 +136,7 @@ def main() -> None:
         out["training_hyper_steps"] = par.hyper_steps
     error("trainer-exact", lambda: trainer(bl.AIDFPLite(), True))
     error("checkpoint", lambda: trainer(bl.SAMA(), True).save_checkpoint(sys.argv[1] + ".ckpt.pt"))
-    if rank == 0:
-        with open(sys.argv[1], "w") as fh:
-            json.dump(out, fh, indent=1)
+    write(out, sys.argv[1])
     dist.barrier()
 
 
